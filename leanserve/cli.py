@@ -1,0 +1,59 @@
+"""The `leanserve` command."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from leanserve import LLM, SamplingParams
+
+    llm = LLM(args.model, dtype=args.dtype, seed=args.seed)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    prompts = args.prompt or ["Write a haiku about a small, fast inference engine.",
+                              "What is the capital of France? Answer in one sentence.",
+                              "Explain what a KV cache is in two sentences."]
+    start = time.perf_counter()
+    if args.raw:
+        outputs = llm.generate(prompts, params)
+    else:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    elapsed = time.perf_counter() - start
+    for prompt, output in zip(prompts, outputs):
+        print(f"\n>>> {prompt}\n{output.outputs[0].text}  [{output.outputs[0].finish_reason}]")
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"\n{len(outputs)} requests, {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="leanserve", description="LLM inference serving engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="generate from prompts offline (chat template by default)")
+    gen.add_argument("prompt", nargs="*", help="prompts (a few demo prompts if none)")
+    gen.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a HuggingFace directory")
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
+    gen.set_defaults(func=_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"leanserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The synchronous engine: add requests, call `step()` until none is left."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from leanserve.engine.engine_config import EngineConfig
+from leanserve.engine.loader import load_checkpoint
+from leanserve.engine.model_runner import ModelRunner, kv_bytes_per_token
+from leanserve.engine.outputs import CompletionOutput, RequestOutput
+from leanserve.engine.sampler import Sampler
+from leanserve.engine.sampling_params import SamplingParams
+from leanserve.engine.tokenizer import IncrementalDetokenizer
+from leanserve.scheduler.block_manager import BlockManager
+from leanserve.scheduler.request import Request, RequestStatus
+from leanserve.scheduler.scheduler import Scheduler
+
+log = logging.getLogger("leanserve.engine")
+
+
+def available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class _Group:
+    """The n sequences of one user request, and what each produced since the last report."""
+
+    def __init__(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.children = children
+        self.text_deltas = [""] * len(children)
+        self.token_deltas: list[list[int]] = [[] for _ in children]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        torch.manual_seed(config.seed)
+        checkpoint = load_checkpoint(config.model)
+        self.model_config = checkpoint.config
+        self.tokenizer = checkpoint.tokenizer
+        self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
+                                 self.model_config.max_position_embeddings)
+        num_blocks = self._num_kv_blocks()
+        self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks, config.block_size)
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler(seed=config.seed)
+        self._groups: dict[str, _Group] = {}
+        self._group_of: dict[str, _Group] = {}
+        log.info("loaded %s (%s, %d layers, %s); KV cache %d tokens in %d blocks of %d",
+                 checkpoint.path, self.model_config.architecture, self.model_config.num_hidden_layers,
+                 config.dtype, num_blocks * config.block_size, num_blocks, config.block_size)
+
+    def _num_kv_blocks(self) -> int:
+        cfg = self.config
+        tokens = cfg.kv_cache_tokens
+        if tokens is None:
+            per_token = kv_bytes_per_token(self.model_config, cfg.torch_dtype)
+            tokens = int(available_memory_bytes() * cfg.kv_cache_memory_fraction) // per_token
+            tokens = min(tokens, cfg.max_num_seqs * self.max_model_len)
+        return max(1, tokens // cfg.block_size)
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    priority: int = 0) -> None:
+        """Queue a request; raises ValueError for a prompt or parameters the engine cannot serve."""
+        params = params or SamplingParams()
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._validate_prompt(token_ids, params)
+        max_total = min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = SamplingParams(**{**_init_fields(params), "seed": params.seed + i})
+            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
+            child = Request(child_id, token_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
+                            priority=priority)
+            child.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
+                stop_strings=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output)
+            self.scheduler.add(child, max_total)
+            children.append(child)
+        group = _Group(request_id, text, children)
+        self._groups[request_id] = group
+        for child in children:
+            self._group_of[child.request_id] = group
+
+    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise ValueError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}")
+        if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
+                             f"exceeds the model's context of {self.max_model_len} tokens")
+
+    def abort_request(self, request_id: str) -> None:
+        group = self._groups.pop(request_id, None)
+        for child in group.children if group else []:
+            if not child.finished:
+                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
+            self._group_of.pop(child.request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._groups)
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample, and report every request that progressed."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        logits, sampling = self.runner.execute(batch)
+        for request, n in zip(batch.requests, batch.num_tokens):
+            request.num_computed_tokens += n
+        sampled = self.sampler(logits, sampling)
+        progressed: dict[str, _Group] = {}
+        for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
+            group = self._group_of[request.request_id]
+            self._append_token(group, request, token_id, logprob)
+            progressed[group.request_id] = group
+        return [self._report(group) for group in progressed.values()]
+
+    def _append_token(self, group: _Group, request: Request, token_id: int, logprob) -> None:
+        request.append_output_token(token_id, logprob)
+        text, stop_string = request.detokenizer.add_tokens([token_id])
+        status, request.stop_reason = self._stop_status(request, token_id, stop_string)
+        if status is not None:
+            if stop_string is None:
+                text += request.detokenizer.flush()
+            self.scheduler.finish(request, status)
+        index = group.children.index(request)
+        group.text_deltas[index] += text
+        group.token_deltas[index].append(token_id)
+
+    def _stop_status(self, request: Request, token_id: int, stop_string: str | None):
+        """Why the request ends after this token, if it does: (status, stop string or token)."""
+        params = request.sampling_params
+        if stop_string is not None:
+            return RequestStatus.FINISHED_STOPPED, stop_string
+        if not params.ignore_eos and token_id in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED, None
+        if token_id in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED, token_id
+        if request.num_output_tokens == params.max_tokens or request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH, None
+        return None, None
+
+    def _report(self, group: _Group) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=i, text=r.detokenizer.output_text, token_ids=list(r.output_token_ids),
+                finish_reason=r.status.value if r.finished else None, stop_reason=r.stop_reason,
+                logprobs=list(r.output_logprobs) if r.sampling_params.logprobs is not None else None,
+                text_delta=group.text_deltas[i], token_ids_delta=group.token_deltas[i])
+            for i, r in enumerate(group.children)]
+        group.text_deltas = [""] * len(group.children)
+        group.token_deltas = [[] for _ in group.children]
+        report = RequestOutput(group.request_id, group.prompt, group.children[0].prompt_token_ids, outputs)
+        if report.finished:
+            del self._groups[group.request_id]
+            for child in group.children:
+                del self._group_of[child.request_id]
+        return report
+
+
+def _init_fields(params: SamplingParams) -> dict:
+    return {k: v for k, v in vars(params).items() if k != "stop_strings"}

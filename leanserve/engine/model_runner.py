@@ -1,0 +1,65 @@
+"""Turns a scheduled batch into flat tensors and runs the model on it."""
+from __future__ import annotations
+
+import torch
+
+from leanserve.engine.config import ModelConfig
+from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend, forward_context
+from leanserve.scheduler.request import Request
+from leanserve.scheduler.scheduler import ScheduledBatch
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
+
+
+class ModelRunner:
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                 num_blocks: int, block_size: int) -> None:
+        self.config = config
+        self.block_size = block_size
+        self.backend = TorchAttentionBackend()
+        self.model = LlamaForCausalLM(config, self.backend).to(dtype)
+        self.model.load_weights(weights)
+        self.model.eval()
+        # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
+        shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype)
+        self.v_cache = torch.zeros(shape, dtype=dtype)
+        for i, layer in enumerate(self.model.layers):
+            layer.self_attn.k_cache = self.k_cache[i]
+            layer.self_attn.v_cache = self.v_cache[i]
+
+    def prepare(self, batch: ScheduledBatch):
+        """Flat inputs for the batch: token ids, positions, attention metadata, rows whose logits are sampled."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_starts, context_lens, sample_rows = [], [], []
+        bs = self.block_size
+        for request, n in zip(batch.requests, batch.num_tokens):
+            start = request.num_computed_tokens
+            end = start + n
+            query_starts.append(len(input_ids))
+            input_ids += request.token_ids[start:end]
+            positions += range(start, end)
+            table = request.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            context_lens.append(end)
+            if end == request.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=list(batch.num_tokens),
+            context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
+        self.backend.prepare(metadata)
+        return torch.tensor(input_ids), torch.tensor(positions), metadata, torch.tensor(sample_rows)
+
+    @torch.inference_mode()
+    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
+        """Run one step; return float32 logits of the requests that sample now, and those requests."""
+        input_ids, positions, metadata, sample_rows = self.prepare(batch)
+        with forward_context(metadata):
+            hidden = self.model(input_ids, positions)
+        sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
+        return self.model.compute_logits(hidden[sample_rows]), sampling

@@ -1,0 +1,36 @@
+"""What the engine hands back each step."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from leanserve.scheduler.request import Logprob
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None     # 'stop', 'length', 'abort' or 'error'
+    stop_reason: int | str | None = None  # the stop string or stop token that ended it
+    logprobs: list[Logprob] | None = None
+    # What this step added, for streaming.
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finished for o in self.outputs)

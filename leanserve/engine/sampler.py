@@ -1,0 +1,208 @@
+"""Batched sampler: turns one row of logits per request into the next token.
+
+Stages run in vLLM's order: min_tokens masking, repetition penalty, frequency
+and presence penalties, greedy argmax, temperature, top-k, top-p, min-p, then a
+draw by the exponential trick (argmax of probs / q, q ~ Exp(1)), which needs no
+host sync unlike torch.multinomial. Each stage is skipped when no row of the
+batch needs it, so an all-greedy batch without penalties is a single argmax.
+The only host sync is the final transfer of the results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanserve.engine.sampling_params import SamplingParams
+from leanserve.scheduler.request import Logprob, Request
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[Logprob | None]  # None where the request did not ask
+
+
+class Sampler:
+    """Samples one token per row of logits [B, V], row i for requests[i].
+
+    seed seeds the generator shared by the requests without their own seed;
+    None uses torch's default generator. A seeded request draws only from its
+    own `request.generator`, so its tokens depend on its seed and its logits,
+    never on the rest of the batch.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+        if logits.dim() != 2 or logits.shape[0] != len(requests):
+            raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {tuple(logits.shape)}")
+        params = [r.sampling_params for r in requests]
+        # The stages below never write into their input, so `logits` stays the
+        # raw model output that log-probabilities are reported from.
+        penalized = _mask_stop_tokens_under_min_tokens(logits, requests)
+        penalized = _apply_repetition_penalty(penalized, requests)
+        penalized = _apply_frequency_presence_penalties(penalized, requests)
+        greedy = [p.greedy for p in params]
+        if all(greedy):
+            token_ids = penalized.argmax(-1)
+        else:
+            token_ids = self._sample(penalized, requests)
+            if any(greedy):
+                greedy_rows = torch.tensor(greedy, device=logits.device)
+                token_ids = torch.where(greedy_rows, penalized.argmax(-1), token_ids)
+        return _to_output(logits, token_ids, params)
+
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Draws from every row; greedy rows get neutral parameters and their
+        draw is discarded by the caller, which keeps all work batched."""
+        vocab_size = logits.shape[1]
+        device = logits.device
+        params = [r.sampling_params for r in requests]
+        sampled = [not p.greedy for p in params]
+        temperatures = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
+        top_ks = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
+        top_ps = [p.top_p if s else 1.0 for p, s in zip(params, sampled)]
+        min_ps = [p.min_p if s else 0.0 for p, s in zip(params, sampled)]
+
+        if any(t != 1.0 for t in temperatures):
+            logits = logits / torch.tensor(temperatures, dtype=logits.dtype, device=device)[:, None]
+        need_top_k = any(k < vocab_size for k in top_ks)
+        need_top_p = any(p < 1.0 for p in top_ps)
+        if need_top_k or need_top_p:
+            logits = _apply_top_k_top_p(
+                logits,
+                torch.tensor(top_ks, device=device) if need_top_k else None,
+                torch.tensor(top_ps, dtype=logits.dtype, device=device) if need_top_p else None,
+            )
+        probs = logits.softmax(-1)
+        if any(m > 0.0 for m in min_ps):
+            min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device)[:, None]
+            probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
+        # argmax(p / q) with q ~ Exp(1) samples from p (p need not be normalized).
+        return probs.div_(self._exponential_noise(probs, requests, sampled)).argmax(-1)
+
+    def _exponential_noise(self, probs: torch.Tensor, requests: list[Request], sampled: list[bool]) -> torch.Tensor:
+        noise = torch.empty_like(probs)
+        seeded_rows = [i for i, r in enumerate(requests) if sampled[i] and r.generator is not None]
+        if len(seeded_rows) < sum(sampled):
+            noise.exponential_(generator=self._shared_generator(probs.device))
+        if seeded_rows:
+            # Each seeded request draws a full row from its own generator (on
+            # the generator's device), so the draw is the same in any batch.
+            draws = [
+                torch.empty(probs.shape[1], dtype=probs.dtype, device=requests[i].generator.device)
+                .exponential_(generator=requests[i].generator)
+                for i in seeded_rows
+            ]
+            noise[torch.tensor(seeded_rows, device=probs.device)] = torch.stack(draws).to(probs.device)
+        return noise
+
+    def _shared_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.seed is not None and self._generator is None:
+            self._generator = torch.Generator(device).manual_seed(self.seed)
+        return self._generator
+
+
+def _mask_stop_tokens_under_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """Until a request has min_tokens outputs, its eos and stop tokens cannot be
+    chosen (whatever ignore_eos says: that only stops the engine from ending)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, r in enumerate(requests):
+        if r.num_output_tokens < r.sampling_params.min_tokens:
+            banned = r.eos_token_ids
+            rows += [i] * len(banned)
+            cols += banned
+    if not rows:
+        return logits
+    masked = logits.clone()
+    masked[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return masked
+
+
+def _apply_repetition_penalty(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    penalties = [r.sampling_params.repetition_penalty for r in requests]
+    if all(p == 1.0 for p in penalties):
+        return logits
+    seen = _token_counts(logits, [r.token_ids if p != 1.0 else [] for r, p in zip(requests, penalties)]) > 0
+    penalty = torch.tensor(penalties, dtype=logits.dtype, device=logits.device)[:, None]
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def _apply_frequency_presence_penalties(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    params = [r.sampling_params for r in requests]
+    if all(p.frequency_penalty == 0.0 and p.presence_penalty == 0.0 for p in params):
+        return logits
+    counts = _token_counts(
+        logits,
+        [r.output_token_ids if p.frequency_penalty or p.presence_penalty else [] for r, p in zip(requests, params)],
+    )
+    frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype, device=logits.device)
+    presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype, device=logits.device)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
+
+
+def _token_counts(logits: torch.Tensor, token_lists: list[list[int]]) -> torch.Tensor:
+    """Per-row occurrence counts [B, V] of token ids, in one scatter_add. Rows
+    are padded with the id V, which lands in an extra column that is dropped."""
+    batch_size, vocab_size = logits.shape
+    width = max(map(len, token_lists))
+    ids = torch.tensor(
+        [tokens + [vocab_size] * (width - len(tokens)) for tokens in token_lists],
+        dtype=torch.long, device=logits.device,
+    )
+    counts = torch.zeros(batch_size, vocab_size + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=logits.dtype))
+    return counts[:, :vocab_size]
+
+
+def _apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+    """One ascending sort per row serves both filters; a value of k = V or
+    p = 1 leaves a row unchanged."""
+    sorted_logits, order = logits.sort(-1)
+    if top_k is not None:
+        # Ascending order: the k largest are the last k positions.
+        positions = torch.arange(logits.shape[1], device=logits.device)
+        sorted_logits = sorted_logits.masked_fill(positions < (logits.shape[1] - top_k)[:, None], float("-inf"))
+    if top_p is not None:
+        # Drop a token when the tokens above it already hold at least top_p of
+        # the mass, i.e. the mass at or below it is at most 1 - top_p.
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)[:, None]
+        drop[:, -1] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def _to_output(raw_logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+    """Moves the results to the host in one transfer. Log-probabilities are
+    those of the raw model logits, before penalties and temperature."""
+    counts = [p.logprobs for p in params]
+    if all(n is None for n in counts):
+        return SamplerOutput(token_ids.tolist(), [None] * len(params))
+    logprobs = raw_logits.log_softmax(-1)
+    chosen = logprobs.gather(1, token_ids[:, None])
+    ranks = (logprobs > chosen).sum(-1, keepdim=True) + 1
+    top = logprobs.topk(max(n for n in counts if n is not None), dim=-1)
+    # float64 holds token ids and ranks exactly, so one tensor carries it all.
+    packed = torch.cat(
+        [t.to(torch.float64) for t in (token_ids[:, None], chosen, ranks, top.indices, top.values)], dim=1
+    ).tolist()
+    width = top.indices.shape[1]
+    token_list: list[int] = []
+    logprob_list: list[Logprob | None] = []
+    for row, n in zip(packed, counts):
+        token_id = int(row[0])
+        token_list.append(token_id)
+        if n is None:
+            logprob_list.append(None)
+            continue
+        top_ids, top_values = row[3:3 + width], row[3 + width:]
+        logprob_list.append(Logprob(
+            token_id=token_id, logprob=row[1], rank=int(row[2]),
+            top=[(int(t), v) for t, v in zip(top_ids[:n], top_values[:n])],
+        ))
+    return SamplerOutput(token_list, logprob_list)
