@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    from leanserve.bench import throughput
+    tput = bench.add_parser("throughput", help="offline throughput on a chat workload, optionally against transformers")
+    throughput.add_arguments(tput)
+    tput.set_defaults(func=throughput.run)
     return parser
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanserve.engine.sampler import Sampler
+from leanserve.engine.sampler import Sampler, _apply_frequency_presence_penalties, _apply_repetition_penalty
 from leanserve.engine.sampling_params import SamplingParams
 from leanserve.scheduler.request import Request
 
@@ -133,6 +133,31 @@ def test_frequency_penalty_counts_occurrences_presence_does_not():
     assert greedy_pick(logits, make_request(output=[10], temperature=0.0, presence_penalty=1.0)) == 12
 
 
+def test_penalties_match_a_dense_reference_on_ragged_histories():
+    """Rows of different lengths, repeated tokens and token 0 exercise the
+    padding of the gather/scatter penalty path."""
+    logits = random_logits(4, VOCAB, seed=4)
+    requests = [
+        make_request(prompt=[0, 3, 3], output=[7, 0, 7, 7], repetition_penalty=1.7, frequency_penalty=0.4,
+                     presence_penalty=0.3),
+        make_request(prompt=[5], output=[6], repetition_penalty=0.6, presence_penalty=-1.0),
+        make_request(prompt=[9, 9], frequency_penalty=1.0),  # no output yet
+        make_request(prompt=[1], output=[0, 4]),  # no penalties at all
+    ]
+    expected = logits.clone()
+    for row, request in enumerate(requests):
+        params = request.sampling_params
+        penalty = params.repetition_penalty
+        for token_id in set(request.token_ids):
+            value = expected[row, token_id]
+            expected[row, token_id] = value / penalty if value > 0 else value * penalty
+        for token_id in set(request.output_token_ids):
+            count = request.output_token_ids.count(token_id)
+            expected[row, token_id] -= params.frequency_penalty * count + params.presence_penalty
+    penalized = _apply_frequency_presence_penalties(_apply_repetition_penalty(logits, requests), requests)
+    torch.testing.assert_close(penalized, expected)
+
+
 # --- min_tokens ---------------------------------------------------------------
 
 
@@ -166,7 +191,7 @@ def batch_mates() -> list[Request]:
 
 
 def seeded_tokens(seed: int, row: int, mates: list[Request], sampler_seed: int | None, steps: int = 8) -> list[int]:
-    target = make_request(prompt=[1, 4, 9], temperature=0.9, seed=seed, presence_penalty=0.5)
+    target = make_request(prompt=[1, 4, 9], temperature=0.9, top_k=20, seed=seed, presence_penalty=0.5)
     sampler = Sampler(seed=sampler_seed)
     for step in range(steps):
         batch = mates[:row] + [target] + mates[row:]

@@ -158,8 +158,8 @@ def _tiled_decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch
     tile_sum = probs.sum(dim=-1)
     tile_out = torch.einsum("nhgt,nthd->nhgd", probs, values)
     # Merge the tiles of each sequence: rescale each to the sequence's running max.
-    seq_max = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=scores.dtype)
-    seq_max.index_reduce_(0, tiles.tile_seq, tile_max, "amax")
+    seq_max = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=scores.dtype).scatter_reduce(
+        0, tiles.tile_seq[:, None, None].expand_as(tile_max), tile_max, "amax")
     weight = torch.exp(tile_max - seq_max[tiles.tile_seq])
     numerator = torch.zeros(batch, num_kv_heads, group, head_dim, dtype=scores.dtype)
     numerator.index_add_(0, tiles.tile_seq, tile_out * weight.unsqueeze(-1))

@@ -1,0 +1,98 @@
+"""The default model against HuggingFace transformers on the same GGUF file (float32, greedy)."""
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from leanserve import LLM, SamplingParams
+from leanserve.engine.loader import resolve_model_path
+
+NEW_TOKENS = 32
+
+
+def conversations() -> list[list[dict]]:
+    """Eight chat prompts from about 20 to over 1,000 tokens, built from standard-library prose."""
+    def doc(module: str, words: int) -> str:
+        text = " ".join(inspect.getdoc(importlib.import_module(module)).split())
+        return " ".join(text.split()[:words])
+
+    prompts = [
+        "Write a haiku about the sea.",
+        "Summarize in one sentence: " + doc("json", 60),
+        "Explain this to a beginner: " + doc("argparse", 30) + " " + doc("itertools", 80),
+        "List three ideas from this text: " + doc("collections", 110) + " " + doc("heapq", 60),
+        "Rewrite the following more concisely.\n\n" + doc("doctest", 190),
+        "What does this describe?\n\n" + doc("csv", 200) + "\n\n" + doc("socket", 200),
+        "Summarize the following documentation.\n\n" + doc("re", 700) + " " + doc("pydoc", 250)
+        + " " + doc("unittest", 200),
+    ]
+    short = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of France?"}]
+    return [short] + [[{"role": "user", "content": p}] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM("smollm2", dtype="float32", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    transformers = pytest.importorskip("transformers")
+    path = resolve_model_path("smollm2")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(llm):
+    ids = [llm.tokenizer.encode(llm.tokenizer.apply_chat_template(c), add_special_tokens=False)
+           for c in conversations()]
+    lengths = sorted(len(i) for i in ids)
+    assert lengths[0] <= 25 and lengths[-1] > 1000, lengths
+    return ids
+
+
+def hf_greedy(model, ids: list[int]) -> list[int]:
+    """Plain greedy decoding with transformers' KV cache; runs past EOS like ignore_eos."""
+    tokens = []
+    with torch.inference_mode():
+        out = model(torch.tensor([ids]), use_cache=True)
+        for _ in range(NEW_TOKENS):
+            tokens.append(int(out.logits[0, -1].argmax()))
+            out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+def test_batched_chat_equals_transformers_greedy(llm, hf_model, prompt_ids):
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.chat(conversations(), params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outputs] == prompt_ids
+    for ids, output in zip(prompt_ids, outputs):
+        expected = hf_greedy(hf_model, ids)
+        assert output.outputs[0].token_ids == expected, f"prompt of {len(ids)} tokens"
+        assert output.outputs[0].finish_reason == "length"
+
+
+def test_each_prompt_alone_equals_the_batch(llm, prompt_ids):
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    batched = llm.generate(prompt_ids, params, use_tqdm=False)
+    for ids, together in zip(prompt_ids, batched):
+        alone = llm.generate([ids], params, use_tqdm=False)[0]
+        assert alone.outputs[0].token_ids == together.outputs[0].token_ids
+
+
+def test_first_step_logits_match_transformers(llm, hf_model, prompt_ids):
+    engine = llm.engine
+    for i, ids in enumerate(prompt_ids[:4]):
+        engine.add_request(f"logits-{i}", ids, SamplingParams(max_tokens=1))
+    batch = engine.scheduler.schedule()
+    ours, _ = engine.runner.execute(batch)
+    for i in range(4):
+        engine.abort_request(f"logits-{i}")
+    for i, ids in enumerate(prompt_ids[:4]):
+        with torch.inference_mode():
+            expected = hf_model(torch.tensor([ids])).logits[0, -1].float()
+        error = (ours[i] - expected).abs().max() / expected.abs().max()
+        assert error < 1e-4, f"prompt {i}: relative error {error:.2e}"
