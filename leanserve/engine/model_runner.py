@@ -53,7 +53,7 @@ class ModelRunner:
             slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=list(batch.num_tokens),
             context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
         self.backend.prepare(metadata)
-        return torch.tensor(input_ids), torch.tensor(positions), metadata, torch.tensor(sample_rows)
+        return torch.tensor(input_ids), torch.tensor(positions), metadata, torch.tensor(sample_rows, dtype=torch.long)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:

@@ -111,7 +111,7 @@ def _mask_stop_tokens_under_min_tokens(logits: torch.Tensor, requests: list[Requ
     cols: list[int] = []
     for i, r in enumerate(requests):
         if r.num_output_tokens < r.sampling_params.min_tokens:
-            banned = r.eos_token_ids
+            banned = r.eos_token_ids.union(r.sampling_params.stop_token_ids)
             rows += [i] * len(banned)
             cols += banned
     if not rows:

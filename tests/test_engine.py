@@ -1,0 +1,172 @@
+"""The engine on a tiny random Llama: parity with transformers, batching invariance, stop rules, n, seeds."""
+import pytest
+import torch
+
+from leanserve import LLM, SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+def random_prompts(count: int, seed: int = 0, max_len: int = 300) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = [1, 2, 17, max_len] + torch.randint(3, max_len, (count - 4,), generator=g).tolist()
+    return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in lengths[:count]]
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_hf_dir):
+    return LLM(str(tiny_hf_dir), kv_cache_tokens=8192)
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tiny_llm):
+    prompts = random_prompts(10)
+    return prompts, token_ids(tiny_llm.generate(prompts, GREEDY, use_tqdm=False))
+
+
+def test_tiny_model_matches_transformers(tiny_hf_dir, tiny_reference):
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_hf_dir), dtype=torch.float32).eval()
+    prompts, ours = tiny_reference
+    for prompt, got in zip(prompts, ours):
+        ids = torch.tensor([prompt])
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist(), f"prompt of {len(prompt)} tokens"
+
+
+def test_gguf_copy_of_tiny_model_generates_the_same(tiny_gguf_path, tiny_reference):
+    prompts, expected = tiny_reference
+    llm = LLM(str(tiny_gguf_path), kv_cache_tokens=8192)
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+
+
+def test_chunked_prefill_small_blocks_and_preemption_keep_outputs(tiny_hf_dir, tiny_reference):
+    prompts, expected = tiny_reference
+    # 320 cache tokens hold the longest request alone, far from all ten at once.
+    llm = LLM(str(tiny_hf_dir), block_size=4, max_num_batched_tokens=40, kv_cache_tokens=320, max_num_seqs=6)
+    assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_bfloat16_logits_stay_close_to_float32(tiny_hf_dir, tiny_llm):
+    bf16 = LLM(str(tiny_hf_dir), dtype="bfloat16", kv_cache_tokens=1024)
+    prompt = random_prompts(4)[3]
+    ask = SamplingParams(temperature=0.0, max_tokens=1, logprobs=5)
+    full = tiny_llm.generate([prompt], ask, use_tqdm=False)[0].outputs[0].logprobs[0]
+    half = bf16.generate([prompt], ask, use_tqdm=False)[0].outputs[0].logprobs[0]
+    assert abs(full.logprob - dict(half.top).get(full.token_id, -99.0)) < 0.1
+
+
+def test_generate_takes_strings_and_ids_and_keeps_order(tiny_llm):
+    text = "The quick brown fox"
+    ids = tiny_llm.tokenizer.encode(text)
+    outputs = tiny_llm.generate([ids, text, [5, 6, 7]], GREEDY, use_tqdm=False)
+    assert outputs[0].prompt_token_ids == outputs[1].prompt_token_ids == ids
+    assert outputs[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids
+    assert outputs[1].prompt == text and outputs[2].prompt_token_ids == [5, 6, 7]
+    single = tiny_llm.generate(text, GREEDY, use_tqdm=False)
+    assert len(single) == 1 and single[0].outputs[0].token_ids == outputs[1].outputs[0].token_ids
+
+
+def test_max_tokens_ends_with_length(tiny_llm):
+    out = tiny_llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    assert out.text == tiny_llm.tokenizer.decode(out.token_ids)
+
+
+def test_stop_string_is_cut_from_text(tiny_llm):
+    prompt = [11, 12, 13]
+    free = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0]
+    stop = free.text[len(free.text) // 2:len(free.text) // 2 + 3]
+    assert stop.strip(), free.text
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=[stop], ignore_eos=True),
+                            use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == free.text[:free.text.index(stop)]
+    kept = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop=stop,
+                                                      include_stop_str_in_output=True, ignore_eos=True),
+                             use_tqdm=False)[0].outputs[0]
+    assert kept.text == free.text[:free.text.index(stop) + len(stop)]
+
+
+def test_stop_token_ids_and_eos(tiny_llm):
+    prompt = [21, 22, 23]
+    free = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    stop_token = free[4]
+    first = free.index(stop_token)
+    out = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[stop_token]),
+                            use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == free[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_token
+
+    engine = tiny_llm.engine
+    saved = engine.tokenizer.eos_token_ids
+    engine.tokenizer.eos_token_ids = frozenset({stop_token})   # make the model's 5th token its EOS
+    try:
+        stopped = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)
+        ignored = tiny_llm.generate([prompt], GREEDY, use_tqdm=False)
+        held = tiny_llm.generate([prompt], SamplingParams(temperature=0, max_tokens=12, min_tokens=first + 3),
+                                 use_tqdm=False)
+    finally:
+        engine.tokenizer.eos_token_ids = saved
+    assert stopped[0].outputs[0].token_ids == free[:first + 1]
+    assert stopped[0].outputs[0].finish_reason == "stop"
+    assert ignored[0].outputs[0].token_ids == free
+    held_ids = held[0].outputs[0].token_ids
+    assert len(held_ids) >= first + 3 and stop_token not in held_ids[:first + 3]
+
+
+def test_seeded_sampling_ignores_the_rest_of_the_batch_and_n_gives_distinct_samples(tiny_llm):
+    params = SamplingParams(temperature=1.0, max_tokens=8, seed=123, ignore_eos=True)
+    prompt = [31, 32, 33]
+    alone = token_ids(tiny_llm.generate([prompt], params, use_tqdm=False))[0]
+    others = [SamplingParams(temperature=0.8, max_tokens=10, ignore_eos=True)] * 3
+    batch = tiny_llm.generate([[1, 2], prompt, [3, 4, 5], [6] * 40], [others[0], params, *others[1:]],
+                              use_tqdm=False)
+    assert batch[1].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, max_tokens=8, seed=124, ignore_eos=True)
+    assert token_ids(tiny_llm.generate([prompt], other_seed, use_tqdm=False))[0] != alone
+
+    n3 = SamplingParams(n=3, temperature=1.0, max_tokens=8, seed=7, ignore_eos=True)
+    first = tiny_llm.generate([prompt], n3, use_tqdm=False)[0]
+    again = tiny_llm.generate([prompt], n3, use_tqdm=False)[0]
+    samples = [o.token_ids for o in first.outputs]
+    assert [o.index for o in first.outputs] == [0, 1, 2] and len({tuple(s) for s in samples}) == 3
+    assert samples == [o.token_ids for o in again.outputs]
+
+
+def test_logprobs_come_with_top_alternatives(tiny_llm):
+    out = tiny_llm.generate([[41, 42]], SamplingParams(temperature=0, max_tokens=4, logprobs=3),
+                            use_tqdm=False)[0].outputs[0]
+    assert len(out.logprobs) == 4
+    for token, lp in zip(out.token_ids, out.logprobs):
+        assert lp.token_id == token and lp.rank == 1 and len(lp.top) == 3
+        assert lp.top[0] == (token, pytest.approx(lp.logprob)) and lp.logprob <= 0
+    assert tiny_llm.generate([[41, 42]], GREEDY, use_tqdm=False)[0].outputs[0].logprobs is None
+
+
+def test_invalid_requests_raise_clear_errors(tiny_llm):
+    with pytest.raises(ValueError, match="exceeds the model's context"):
+        tiny_llm.generate([[5] * 100], SamplingParams(max_tokens=5000), use_tqdm=False)
+    with pytest.raises(ValueError, match="empty"):
+        tiny_llm.generate([[]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="2 SamplingParams for 1 prompts"):
+        tiny_llm.generate([[5]], [GREEDY, GREEDY], use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    assert not tiny_llm.engine.has_unfinished_requests()
+
+
+def test_chat_applies_the_template(tiny_llm):
+    conversation = [{"role": "user", "content": "Hi there"}]
+    out = tiny_llm.chat(conversation, GREEDY, use_tqdm=False)[0]
+    rendered = tiny_llm.tokenizer.apply_chat_template(conversation)
+    assert rendered.endswith("<|im_start|>assistant\n") and "Hi there" in rendered
+    assert out.prompt_token_ids == tiny_llm.tokenizer.encode(rendered, add_special_tokens=False)
