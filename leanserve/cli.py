@@ -44,10 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from leanserve.bench import throughput
+    from leanserve.bench import prefill, throughput
     tput = bench.add_parser("throughput", help="offline throughput on a chat workload, optionally against transformers")
     throughput.add_arguments(tput)
     tput.set_defaults(func=throughput.run)
+    pre = bench.add_parser("prefill", help="prepacked prefill against padded and one-at-a-time prefill")
+    prefill.add_prefill_arguments(pre)
+    pre.set_defaults(func=prefill.run_prefill)
+    chunk = bench.add_parser("chunked-prefill", help="decode latency while a long prompt arrives, chunked or not")
+    prefill.add_chunked_arguments(chunk)
+    chunk.set_defaults(func=prefill.run_chunked)
     return parser
 
 

@@ -170,3 +170,84 @@ def test_chat_applies_the_template(tiny_llm):
     rendered = tiny_llm.tokenizer.apply_chat_template(conversation)
     assert rendered.endswith("<|im_start|>assistant\n") and "Hi there" in rendered
     assert out.prompt_token_ids == tiny_llm.tokenizer.encode(rendered, add_special_tokens=False)
+
+
+# ---- the full scheduler on the model: prefix cache, preemption, priorities, continuous batching ----
+
+def test_shared_prefix_is_computed_once_and_outputs_do_not_change(tiny_hf_dir):
+    prefix = torch.randint(3, 49152, (1000,), generator=torch.Generator().manual_seed(5)).tolist()
+    first, second = prefix + [101, 102, 103], prefix + [201, 202, 203, 204, 205]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    cached = LLM(str(tiny_hf_dir), kv_cache_tokens=4096)
+    engine = cached.engine
+    out_first = cached.generate([first], params, use_tqdm=False)[0].outputs[0].token_ids
+    before = engine.scheduler.num_computed_tokens
+    out_second = cached.generate([second], params, use_tqdm=False)[0].outputs[0].token_ids
+    computed = engine.scheduler.num_computed_tokens - before
+    hits = engine.block_manager.prefix_cache_hits
+    assert hits == 1000 // 16 * 16                            # every full block of the shared prefix
+    assert computed == len(second) - hits + params.max_tokens - 1
+    uncached = LLM(str(tiny_hf_dir), kv_cache_tokens=4096, enable_prefix_caching=False)
+    assert token_ids(uncached.generate([first, second], params, use_tqdm=False)) == [out_first, out_second]
+    assert uncached.engine.block_manager.prefix_cache_hits == 0
+
+
+def test_prefix_cache_eviction_under_pressure_keeps_outputs(tiny_hf_dir):
+    g = torch.Generator().manual_seed(9)
+    stems = [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (120, 200, 64)]
+    prompts = [stems[i % 3] + torch.randint(3, 49152, (5 + i,), generator=g).tolist() for i in range(18)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    expected = token_ids(LLM(str(tiny_hf_dir), kv_cache_tokens=8192, enable_prefix_caching=False)
+                         .generate(prompts, params, use_tqdm=False))
+    small = LLM(str(tiny_hf_dir), kv_cache_tokens=640, max_num_seqs=3, max_num_batched_tokens=96)
+    got = []
+    for i in range(0, len(prompts), 6):                       # waves: later waves hit what survived
+        got += token_ids(small.generate(prompts[i:i + 6], params, use_tqdm=False))
+    assert got == expected
+    bm = small.engine.block_manager
+    assert bm.prefix_cache_hits > 0 and bm.num_free_blocks == bm.num_blocks
+
+
+def test_32_requests_in_a_cache_far_too_small_all_finish_as_with_a_large_one(tiny_hf_dir):
+    prompts = random_prompts(32, seed=3, max_len=200)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    expected = token_ids(LLM(str(tiny_hf_dir), kv_cache_tokens=16384).generate(prompts, params, use_tqdm=False))
+    small = LLM(str(tiny_hf_dir), kv_cache_tokens=240, block_size=8)
+    assert token_ids(small.generate(prompts, params, use_tqdm=False)) == expected
+    assert small.engine.scheduler.num_preemptions > 0
+
+
+def test_continuous_batching_with_staggered_arrivals_equals_each_request_alone(tiny_hf_dir, tiny_llm):
+    prompts = random_prompts(64, seed=11, max_len=400)
+    g = torch.Generator().manual_seed(12)
+    budgets = torch.randint(1, 24, (64,), generator=g).tolist()
+    alone = [token_ids(tiny_llm.generate([p], SamplingParams(temperature=0, max_tokens=b, ignore_eos=True),
+                                         use_tqdm=False))[0] for p, b in zip(prompts, budgets)]
+    engine = LLM(str(tiny_hf_dir), kv_cache_tokens=4096, max_num_seqs=16, max_num_batched_tokens=256).engine
+    results, next_prompt = {}, 0
+    while len(results) < 64:
+        for _ in range(3):                                     # three arrivals between steps
+            if next_prompt < 64:
+                engine.add_request(str(next_prompt), prompts[next_prompt],
+                                   SamplingParams(temperature=0, max_tokens=budgets[next_prompt], ignore_eos=True))
+                next_prompt += 1
+        for out in engine.step():
+            if out.finished:
+                results[int(out.request_id)] = out.outputs[0].token_ids
+        engine.scheduler.check_invariants()
+    assert [results[i] for i in range(64)] == alone
+
+
+def test_priority_and_abort_through_the_engine(tiny_hf_dir):
+    llm = LLM(str(tiny_hf_dir), kv_cache_tokens=2048, max_num_seqs=1)
+    finished = []
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    for name, priority in [("low", 5), ("normal", 0), ("urgent", -3), ("dropped", 0)]:
+        engine.add_request(name, [7, 8, 9], params, priority=priority)
+    engine.abort_request("dropped")
+    while engine.has_unfinished_requests():
+        finished += [o.request_id for o in engine.step() if o.finished]
+        engine.scheduler.check_invariants()
+    assert finished == ["urgent", "normal", "low"]
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks

@@ -123,3 +123,202 @@ def test_finish_removes_a_waiting_or_running_request():
     s.finish(a, RequestStatus.FINISHED_ABORTED)    # running, holding blocks
     s.check_invariants()
     assert not s.has_unfinished() and s.block_manager.num_free_blocks == 16
+
+
+# ---- prepacking ------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from leanserve.scheduler.block_manager import block_hash  # noqa: E402
+from leanserve.scheduler.prepacking import best_fit_decreasing  # noqa: E402
+
+
+def test_best_fit_decreasing_fills_the_tightest_bin():
+    assert best_fit_decreasing([500, 1500, 1400, 300, 200], 1984) == [[1, 3], [2, 0], [4]]
+    assert best_fit_decreasing([5000, 10, 10], 100) == [[0], [1, 2]]
+
+
+@given(st.lists(st.integers(1, 300), max_size=40), st.integers(1, 256))
+def test_best_fit_decreasing_places_every_item_once_within_capacity(lengths, capacity):
+    bins = best_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    for b in bins:
+        assert len(b) == 1 or sum(lengths[i] for i in b) <= capacity
+    # No two bins could be merged: best fit leaves no pair of bins that fit together.
+    sums = sorted(sum(lengths[i] for i in b) for b in bins)
+    assert len(sums) < 2 or sums[0] + sums[1] > capacity
+
+
+def test_scheduler_prepacks_the_head_prompt_with_its_best_fitting_companions():
+    s = Scheduler(BlockManager(1024, 16), max_num_seqs=16, max_num_batched_tokens=1984)
+    requests = [make_request(name, n) for name, n in [("head", 500), ("a", 1500), ("b", 1400), ("c", 300), ("d", 200)]]
+    for r in requests:
+        s.add(r, r.num_tokens + 8)
+    batch = run_step(s)
+    assert [r.request_id for r in batch.requests] == ["head", "b"] and batch.num_tokens == [500, 1400]
+
+
+def test_without_chunking_a_long_prompt_runs_whole():
+    s = Scheduler(BlockManager(1024, 16), max_num_seqs=16, max_num_batched_tokens=64, enable_chunked_prefill=False)
+    long = make_request("long", 300)
+    s.add(long, 310)
+    batch = run_step(s)
+    assert batch.num_tokens == [300]
+
+
+# ---- prefix cache ----------------------------------------------------------------------
+
+def test_prefix_hits_reuse_blocks_and_leave_the_last_token_to_compute():
+    bm = BlockManager(16, 4)
+    first = make_request("first", 10)
+    bm.allocate(first, 10)
+    first.num_computed_tokens = 10
+    bm.cache_full_blocks(first)
+    assert len(first.block_hashes) == 2                      # 8 of 10 tokens fill two blocks
+    second = Request("second", first.token_ids[:8] + [99, 98], SamplingParams())
+    bm.match_prefix(second)
+    assert second.block_table == first.block_table[:2] and second.num_computed_tokens == 8
+    assert bm.ref_counts[first.block_table[0]] == 2
+    exact = Request("exact", first.token_ids[:8], SamplingParams())
+    bm.match_prefix(exact)                                  # all 8 cached, yet token 8 must be computed
+    assert exact.num_computed_tokens == 4
+    assert (bm.prefix_cache_queries, bm.prefix_cache_hits) == (18, 12)
+    bm.check_invariants([first, second, exact])
+
+
+def test_hash_collision_is_caught_by_the_token_check(monkeypatch):
+    monkeypatch.setattr("leanserve.scheduler.block_manager.block_hash", lambda parent, tokens: 42)
+    bm = BlockManager(16, 4)
+    first = make_request("first", 9)
+    bm.allocate(first, 9)
+    first.num_computed_tokens = 9
+    bm.cache_full_blocks(first)
+    other = Request("other", [7] * 9, SamplingParams())      # same (fake) hash, other tokens
+    bm.match_prefix(other)
+    assert other.num_computed_tokens == 0 and other.block_table == []
+
+
+def test_freed_cached_blocks_stay_findable_until_evicted_least_recent_first():
+    bm = BlockManager(4, 4)
+    old, new = make_request("old", 5), Request("new", [50 + i for i in range(5)], SamplingParams())
+    for r in (old, new):
+        bm.allocate(r, 5)
+        r.num_computed_tokens = 5
+        bm.cache_full_blocks(r)
+    old_full, new_full = old.block_table[0], new.block_table[0]
+    bm.free(old)
+    bm.free(new)
+    # Partial blocks hold nothing reusable and go first; then old's full block, then new's.
+    assert list(bm.free_blocks)[2:] == [old_full, new_full]
+    again = Request("again", list(old.token_ids), SamplingParams())
+    bm.match_prefix(again)
+    assert again.block_table == [old_full]
+    bm.free(again)
+    filler = make_request("filler", 1)
+    bm.allocate(filler, 12)                                 # takes three blocks: evicts new's, keeps old's
+    assert block_hash(None, tuple(new.token_ids[:4])) not in bm.cached
+    assert block_hash(None, tuple(old.token_ids[:4])) in bm.cached
+    bm.check_invariants([filler])
+
+
+def test_disabled_prefix_cache_neither_matches_nor_caches():
+    bm = BlockManager(8, 4, enable_prefix_caching=False)
+    r = make_request("r", 9)
+    bm.allocate(r, 9)
+    r.num_computed_tokens = 9
+    bm.cache_full_blocks(r)
+    assert bm.cached == {} and r.block_hashes == []
+    again = make_request("again", 9)
+    bm.match_prefix(again)
+    assert again.num_computed_tokens == 0 and bm.prefix_cache_queries == 0
+
+
+# ---- priorities and aborts -------------------------------------------------------------
+
+def test_lower_priority_value_runs_first_and_ties_go_by_arrival():
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=1, max_num_batched_tokens=64)
+    late_urgent = make_request("urgent", 3)
+    late_urgent.priority = -1
+    first, second = make_request("first", 3), make_request("second", 3)
+    for r in (first, second, late_urgent):
+        s.add(r, 11)
+    order = []
+    while s.has_unfinished():
+        batch = run_step(s)
+        order += [r.request_id for r in batch.requests if r.request_id not in order]
+    assert order == ["urgent", "first", "second"]
+
+
+def test_preemption_picks_the_least_urgent_running_request():
+    s = Scheduler(BlockManager(6, 4), max_num_seqs=8, max_num_batched_tokens=64)
+    a, b, c = (make_request(n, 4, max_tokens=12) for n in "abc")
+    a.priority, b.priority, c.priority = 0, 5, 1
+    for r in (a, b, c):
+        s.add(r, 16)
+    while s.num_preemptions == 0:
+        run_step(s)
+    assert b.status is RequestStatus.WAITING and a.status is c.status is RequestStatus.RUNNING
+
+
+def test_abort_frees_blocks_at_once_wherever_the_request_is():
+    s = Scheduler(BlockManager(16, 4), max_num_seqs=1, max_num_batched_tokens=64)
+    a, b = make_request("a", 6), make_request("b", 6)
+    s.add(a, 14)
+    s.add(b, 14)
+    run_step(s)
+    assert s.abort("a") and s.block_manager.num_free_blocks == 16
+    assert s.abort("b") and not s.abort("b") and not s.has_unfinished()
+    s.check_invariants()
+
+
+# ---- property-based: random arrivals, lengths, budgets and aborts ------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrivals=st.lists(st.tuples(st.integers(0, 30), st.integers(1, 90), st.integers(1, 12), st.integers(0, 2)),
+                      min_size=1, max_size=25),
+    aborts=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 24)), max_size=5),
+    num_blocks=st.integers(8, 40), block_size=st.sampled_from([1, 4, 16]),
+    budget=st.integers(1, 128), max_num_seqs=st.integers(1, 8), chunked=st.booleans(), prefix=st.booleans())
+def test_random_workloads_finish_without_leaks(arrivals, aborts, num_blocks, block_size, budget, max_num_seqs,
+                                               chunked, prefix):
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix)
+    s = Scheduler(bm, max_num_seqs, budget, enable_chunked_prefill=chunked)
+    pending = sorted(enumerate(arrivals), key=lambda x: x[1][0])
+    added, refused = [], 0
+    for step in range(3000):
+        while pending and pending[0][1][0] <= step:
+            i, (_, length, max_tokens, priority) = pending.pop(0)
+            # Shared prefixes make prefix hits likely.
+            r = Request(f"r{i}", [i % 3 + 1] * (length // 2) + list(range(length - length // 2)),
+                        SamplingParams(max_tokens=max_tokens), priority=priority)
+            try:
+                s.add(r, length + max_tokens)
+                added.append(r)
+            except ValueError:
+                refused += 1
+        for when, which in aborts:
+            if when == step and which < len(added):
+                s.abort(added[which].request_id)
+        run_step(s)
+        if not pending and not s.has_unfinished():
+            break
+    assert not s.has_unfinished(), "a request never finished"
+    assert bm.num_free_blocks == num_blocks
+    assert all(r.status in (RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED) for r in added)
+    assert len(added) + refused == len(arrivals)
+
+
+def test_no_request_waits_forever_while_others_keep_arriving():
+    # Short prompts arrive every step and would always pack better than the long one.
+    s = Scheduler(BlockManager(64, 4), max_num_seqs=4, max_num_batched_tokens=32)
+    long = make_request("long", 30, max_tokens=2)
+    for step in range(200):
+        if step == 5:
+            s.add(long, 32)
+        for j in range(3):
+            s.add(make_request(f"s{step}-{j}", 2, max_tokens=1), 3)
+        run_step(s)
+        if long.finished:
+            break
+    assert long.finished and step < 20

@@ -18,6 +18,8 @@ class EngineConfig:
     kv_cache_tokens: int | None = None     # default: a share of available memory
     kv_cache_memory_fraction: float = 0.2
     block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

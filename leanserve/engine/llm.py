@@ -30,11 +30,14 @@ class LLM:
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); outputs come back in input order."""
+                 use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids); outputs come back in input order.
+
+        `priority`, one int per prompt, orders the queue: lower runs first, ties by arrival.
+        """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        return self._run(list(prompts), sampling_params, use_tqdm)
+        return self._run(list(prompts), sampling_params, use_tqdm, priority)
 
     def chat(self, conversations: list[Message] | Sequence[list[Message]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -46,15 +49,19 @@ class LLM:
                                          add_special_tokens=False) for c in conversations]
         return self._run(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list[Prompt], sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], sampling_params, use_tqdm: bool,
+             priority: Sequence[int] | None = None) -> list[RequestOutput]:
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"got {len(sampling_params)} SamplingParams for {len(prompts)} prompts")
+        priority = [0] * len(prompts) if priority is None else list(priority)
+        if len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         try:
-            for request_id, prompt, params in zip(ids, prompts, sampling_params):
-                self.engine.add_request(request_id, prompt, params)
+            for request_id, prompt, params, rank in zip(ids, prompts, sampling_params, priority):
+                self.engine.add_request(request_id, prompt, params, priority=rank)
             finished: dict[str, RequestOutput] = {}
             with tqdm(total=len(prompts), desc="Generating", unit="req", disable=not use_tqdm) as bar:
                 while len(finished) < len(prompts):

@@ -53,8 +53,9 @@ class LLMEngine:
                                  self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks, config.block_size)
-        self.block_manager = BlockManager(num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.enable_chunked_prefill)
         self.sampler = Sampler(seed=config.seed)
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}
@@ -131,8 +132,7 @@ class LLMEngine:
         if not batch:
             return []
         logits, sampling = self.runner.execute(batch)
-        for request, n in zip(batch.requests, batch.num_tokens):
-            request.num_computed_tokens += n
+        self.scheduler.advance(batch)
         sampled = self.sampler(logits, sampling)
         progressed: dict[str, _Group] = {}
         for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):

@@ -55,6 +55,7 @@ class Request:
     output_logprobs: list[Logprob] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)   # prefix-cache hash of each full block
     stop_reason: int | str | None = None
     error: str | None = None
     # Set by the engine: a seeded torch.Generator for per-request sampling and

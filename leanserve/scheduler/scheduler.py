@@ -2,16 +2,22 @@
 
 A request is "computed tokens vs total tokens": a decoding request has one
 uncomputed token (its last sample), a prefilling one has the rest of its
-prompt, so prefill, chunked prefill and decode are the same subtraction.
-Budget split as vLLM's: running requests first, then waiting ones, under
-`max_num_batched_tokens` tokens and `max_num_seqs` sequences per step.
+prompt, so prefill, chunked prefill, prefix-cache hits and decode are the same
+subtraction. Budget split as vLLM's: running requests first (decodes before
+prefill chunks), then waiting prompts, under `max_num_batched_tokens` tokens
+and `max_num_seqs` sequences per step.
+
+Waiting prompts are prepacked: the most urgent one (lowest priority value, then
+earliest arrival) is always taken, so nothing waits forever, and the rest of
+the budget is filled with the prompts best-fit-decreasing packs beside it.
 """
 from __future__ import annotations
 
-from collections import deque
+import bisect
 from dataclasses import dataclass, field
 
 from leanserve.scheduler.block_manager import BlockManager, cdiv
+from leanserve.scheduler.prepacking import best_fit_decreasing
 from leanserve.scheduler.request import Request, RequestStatus
 
 
@@ -34,27 +40,33 @@ class ScheduledBatch:
         return sum(self.num_tokens)
 
 
+def _urgency(request: Request) -> tuple[int, int]:
+    return request.priority, request.arrival_index
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_chunked_prefill: bool = True) -> None:
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.waiting: list[Request] = []       # sorted by urgency
+        self.running: list[Request] = []       # in admission order
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.num_computed_tokens = 0       # tokens the model has run, all requests, all steps
 
     def add(self, request: Request, max_total_tokens: int) -> None:
         """Queue a request that may grow to `max_total_tokens` tokens; refuse one the cache can never hold."""
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        blocks = cdiv(max_total_tokens, self.block_manager.block_size)
-        if blocks > self.block_manager.num_blocks:
+        if cdiv(max_total_tokens, self.block_manager.block_size) > self.block_manager.num_blocks:
             raise ValueError(
                 f"request {request.request_id!r} needs up to {max_total_tokens} tokens of KV cache, "
                 f"more than the whole cache holds ({self.block_manager.num_blocks * self.block_manager.block_size})")
         self.requests[request.request_id] = request
-        self.waiting.append(request)
+        bisect.insort(self.waiting, request, key=_urgency)
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -63,40 +75,74 @@ class Scheduler:
         batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         preempted = False
-        for request in list(self.running):
+        # Decodes first, then chunks of prompts already started. When the cache is full, the least
+        # urgent request not yet in this step's batch (possibly this one) gives its blocks back.
+        scheduled: set[int] = set()
+        for request in sorted(self.running, key=lambda r: r.num_uncomputed_tokens > 1):
             if budget == 0:
                 break
-            if request.status is not RequestStatus.RUNNING:  # preempted earlier in this loop
+            if request.status is not RequestStatus.RUNNING:   # preempted earlier in this loop
                 continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
             while not self.block_manager.allocate(request, num_tokens):
                 preempted = True
-                self._preempt(self.running[-1])
-                if request.status is not RequestStatus.RUNNING:
+                victim = max((r for r in self.running if id(r) not in scheduled), key=_urgency)
+                self._preempt(victim)
+                if victim is request:
                     break
             else:
                 batch.add(request, num_tokens)
+                scheduled.add(id(request))
                 budget -= num_tokens
-        # New requests join only when nothing had to make room this step.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting[0]
-            num_tokens = min(request.num_uncomputed_tokens, budget)
-            if not self.block_manager.allocate(request, num_tokens):
-                break
-            self.waiting.popleft()
+        # New prompts join only when nothing had to make room this step.
+        if not preempted and budget > 0:
+            self._admit(batch, budget)
+        return batch
+
+    def _admit(self, batch: ScheduledBatch, budget: int) -> None:
+        candidates = self.waiting[:self.max_num_seqs - len(self.running)]
+        if not candidates:
+            return
+        head = candidates[0]
+        if head.num_uncomputed_tokens >= budget:
+            pack = [head]               # the head alone fills the step (chunked if chunking is on)
+        else:
+            bins = best_fit_decreasing([r.num_uncomputed_tokens for r in candidates], budget)
+            pack = [candidates[i] for i in next(b for b in bins if 0 in b)]
+            pack.sort(key=_urgency)
+        for request in pack:
+            self.block_manager.match_prefix(request)
+            num_tokens = request.num_uncomputed_tokens
+            if self.enable_chunked_prefill:
+                num_tokens = min(num_tokens, budget)
+            elif num_tokens > budget and request is not head:
+                num_tokens = 0
+            if num_tokens == 0 or not self.block_manager.allocate(request, num_tokens):
+                self.block_manager.free(request)          # hand back its prefix hits
+                request.num_computed_tokens = 0
+                if request is head:
+                    return
+                continue
+            self.waiting.remove(request)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, num_tokens)
-            budget -= num_tokens
-        return batch
+            budget = max(0, budget - num_tokens)
+
+    def advance(self, batch: ScheduledBatch) -> None:
+        """After the model ran the batch: count its tokens as computed and publish full blocks."""
+        for request, num_tokens in zip(batch.requests, batch.num_tokens):
+            request.num_computed_tokens += num_tokens
+            self.block_manager.cache_full_blocks(request)
+        self.num_computed_tokens += batch.total_tokens
 
     def _preempt(self, request: Request) -> None:
-        """Free the request's blocks and queue it first; it recomputes prompt and outputs later."""
+        """Free the request's blocks and queue it again; it recomputes prompt and outputs later."""
         self.running.remove(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
-        self.waiting.appendleft(request)
+        bisect.insort(self.waiting, request, key=_urgency)
         self.num_preemptions += 1
 
     def finish(self, request: Request, status: RequestStatus) -> None:
@@ -110,11 +156,20 @@ class Scheduler:
         self.block_manager.free(request)
         self.requests.pop(request.request_id, None)
 
+    def abort(self, request_id: str) -> bool:
+        """Abort a request wherever it is; False if it is not (or no longer) here."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self.finish(request, RequestStatus.FINISHED_ABORTED)
+        return True
+
     def check_invariants(self) -> None:
         waiting, running = set(self.waiting), set(self.running)
         assert not waiting & running, "a request is both waiting and running"
         assert waiting | running == set(self.requests.values()), "a request is lost or finished but still queued"
         assert all(r.status is RequestStatus.WAITING and not r.block_table for r in waiting)
         assert all(r.status is RequestStatus.RUNNING for r in running)
+        assert [_urgency(r) for r in self.waiting] == sorted(_urgency(r) for r in self.waiting)
         assert len(self.running) <= self.max_num_seqs
         self.block_manager.check_invariants(self.running)

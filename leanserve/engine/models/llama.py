@@ -154,6 +154,7 @@ class LlamaForCausalLM(nn.Module):
             source = fused[name if name.startswith("lm_head.") else "model." + name]
             if source.shape != param.shape:
                 raise ValueError(f"weight {name}: expected shape {tuple(param.shape)}, found {tuple(source.shape)}")
-            param.data = source.to(param.dtype).contiguous()
+            # A fresh copy: torch aligns its allocations to 64 bytes, which GEMV needs to run at speed.
+            param.data = source.to(param.dtype, copy=True).contiguous()
         if cfg.tie_word_embeddings or "lm_head.weight" not in weights:
             self.lm_head.weight = self.embed_tokens.weight
