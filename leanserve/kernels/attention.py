@@ -136,10 +136,11 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     mask = None
     if n != m:
         mask = torch.ones(n, m, dtype=torch.bool).tril(diagonal=m - n)
+    # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its slow, memory-hungry math path.
     out = F.scaled_dot_product_attention(
-        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+        q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=q.shape[1] != k.shape[1])
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
 
 
 def _tiled_decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
