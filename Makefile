@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 serve: install
-	$(VENV)/bin/leanserve generate
+	$(VENV)/bin/leanserve serve
 
 test: install
 	$(PY) -m pytest -q tests

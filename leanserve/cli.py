@@ -43,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.set_defaults(func=_generate)
 
+    from leanserve.server import serve
+    srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
+    serve.add_arguments(srv)
+    srv.set_defaults(func=serve.run)
+
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from leanserve.bench import prefill, throughput
     tput = bench.add_parser("throughput", help="offline throughput on a chat workload, optionally against transformers")

@@ -59,9 +59,13 @@ class LLMEngine:
         self.sampler = Sampler(seed=config.seed)
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}
+        kv_tokens = num_blocks * config.block_size
         log.info("loaded %s (%s, %d layers, %s); KV cache %d tokens in %d blocks of %d",
                  checkpoint.path, self.model_config.architecture, self.model_config.num_hidden_layers,
-                 config.dtype, num_blocks * config.block_size, num_blocks, config.block_size)
+                 config.dtype, kv_tokens, num_blocks, config.block_size,
+                 extra={"model_path": str(checkpoint.path), "dtype": config.dtype, "max_model_len": self.max_model_len,
+                        "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
+                            kv_tokens * kv_bytes_per_token(self.model_config, config.torch_dtype) / 2**30, 2)})
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
@@ -75,15 +79,15 @@ class LLMEngine:
     # ---- requests -------------------------------------------------------------------------
 
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    priority: int = 0) -> None:
-        """Queue a request; raises ValueError for a prompt or parameters the engine cannot serve."""
+                    priority: int = 0, prompt_text: str | None = None) -> None:
+        """Queue a request (a string, or token ids with their text if known); ValueError if it cannot be served."""
         params = params or SamplingParams()
         if request_id in self._groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text = prompt if isinstance(prompt, str) else None
+        text = prompt if isinstance(prompt, str) else prompt_text
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._validate_prompt(token_ids, params)
-        max_total = min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
+        self.validate_prompt(token_ids, params)
+        max_total = self.max_total_tokens(token_ids, params)
         children = []
         for i in range(params.n):
             child_params = params
@@ -102,7 +106,8 @@ class LLMEngine:
         for child in children:
             self._group_of[child.request_id] = group
 
-    def _validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError for a prompt this engine cannot serve with these parameters."""
         if not token_ids:
             raise ValueError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -113,6 +118,14 @@ class LLMEngine:
         if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                              f"exceeds the model's context of {self.max_model_len} tokens")
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if self.max_total_tokens(token_ids, params) > capacity:
+            raise ValueError(f"the prompt ({len(token_ids)} tokens) plus max_tokens needs more KV cache "
+                             f"than the whole cache holds ({capacity} tokens)")
+
+    def max_total_tokens(self, token_ids: list[int], params: SamplingParams) -> int:
+        """The most tokens the request can grow to."""
+        return min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
@@ -131,9 +144,13 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
-        logits, sampling = self.runner.execute(batch)
+        try:
+            logits, sampling = self.runner.execute(batch)
+            sampled = self.sampler(logits, sampling)
+        except Exception as e:  # noqa: BLE001 - a failed step must not take other requests down
+            log.exception("model step failed; failing its %d requests", len(batch))
+            return self._fail({self._group_of[r.request_id] for r in batch.requests}, f"{type(e).__name__}: {e}")
         self.scheduler.advance(batch)
-        sampled = self.sampler(logits, sampling)
         progressed: dict[str, _Group] = {}
         for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
             group = self._group_of[request.request_id]
@@ -166,6 +183,15 @@ class LLMEngine:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
 
+    def _fail(self, groups: set[_Group], message: str) -> list[RequestOutput]:
+        """End every sequence of these requests with an error."""
+        for group in groups:
+            for child in group.children:
+                if not child.finished:
+                    self.scheduler.finish(child, RequestStatus.FINISHED_ERROR)
+                child.error = message
+        return [self._report(group) for group in groups]
+
     def _report(self, group: _Group) -> RequestOutput:
         outputs = [
             CompletionOutput(
@@ -176,7 +202,9 @@ class LLMEngine:
             for i, r in enumerate(group.children)]
         group.text_deltas = [""] * len(group.children)
         group.token_deltas = [[] for _ in group.children]
-        report = RequestOutput(group.request_id, group.prompt, group.children[0].prompt_token_ids, outputs)
+        first = group.children[0]
+        report = RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outputs, error=first.error,
+                               arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time)
         if report.finished:
             del self._groups[group.request_id]
             for child in group.children:

@@ -30,6 +30,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     error: str | None = None
+    # time.monotonic() when the request arrived and when the scheduler first gave it compute.
+    arrival_time: float = 0.0
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:

@@ -57,6 +57,7 @@ class Request:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[int] = field(default_factory=list)   # prefix-cache hash of each full block
     stop_reason: int | str | None = None
+    first_scheduled_time: float | None = None
     error: str | None = None
     # Set by the engine: a seeded torch.Generator for per-request sampling and
     # the incremental detokenizer that turns output tokens into text.

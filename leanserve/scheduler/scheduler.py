@@ -14,6 +14,7 @@ the budget is filled with the prompts best-fit-decreasing packs beside it.
 from __future__ import annotations
 
 import bisect
+import time
 from dataclasses import dataclass, field
 
 from leanserve.scheduler.block_manager import BlockManager, cdiv
@@ -124,6 +125,8 @@ class Scheduler:
                     return
                 continue
             self.waiting.remove(request)
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             batch.add(request, num_tokens)

@@ -1,0 +1,483 @@
+"""The OpenAI-compatible HTTP API over an AsyncLLM."""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from leanserve.engine.async_llm import AsyncLLM, EngineDeadError
+from leanserve.engine.outputs import RequestOutput
+from leanserve.engine.sampling_params import SamplingParams
+from leanserve.server.metrics import ServerMetrics
+from leanserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                       TokenizeRequest)
+
+OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect")
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's JSON shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    max_queued_requests: int | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+
+
+class ServerState:
+    def __init__(self) -> None:
+        self.draining = False
+        self.in_flight = 0
+
+
+def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="LeanServe", description="OpenAI-compatible LLM inference server")
+    state = ServerState()
+    metrics = ServerMetrics(llm, config.served_model_name)
+    app.state.server = state
+    app.state.metrics = metrics
+    app.add_middleware(_Gate, config=config, state=state, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            message = "the request body is not valid JSON"
+        return APIError(400, f"{message}" + (f" (at {where})" if where else ""), param=where).response()
+
+    def tokenizer():
+        return llm.engine.tokenizer
+
+    def check_ready(model: str | None) -> None:
+        if state.draining:
+            raise APIError(503, "the server is shutting down", "server_error", code="service_unavailable")
+        if not llm.alive:
+            raise APIError(503, "the model is not loaded or the engine is not running", "server_error",
+                           code="service_unavailable")
+        if model is not None and model != config.served_model_name:
+            raise APIError(404, f"the model '{model}' does not exist; this server serves "
+                                f"'{config.served_model_name}'", param="model", code="model_not_found")
+        if config.max_queued_requests is not None and llm.num_waiting >= config.max_queued_requests:
+            raise APIError(429, f"too many requests waiting ({llm.num_waiting}); retry shortly",
+                           "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    def submit(request_id: str, token_ids: list[int], params: SamplingParams, text: str | None,
+               priority: int) -> AsyncIterator[RequestOutput]:
+        try:
+            return llm.submit(request_id, token_ids, params, text, priority)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        except EngineDeadError as e:
+            raise APIError(503, str(e), "server_error", code="service_unavailable") from e
+
+    def sampling_params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        try:
+            return body.sampling_params(max_tokens, logprobs)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+
+    # ---- chat completions ----------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request):
+        check_ready(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            text = tokenizer().apply_chat_template(messages, body.add_generation_prompt)
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        token_ids = tokenizer().encode(text, add_special_tokens=False)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        tracker = metrics.track(len(token_ids))
+        stream = submit(request_id, token_ids, params, text, body.priority)
+        created = int(time.time())
+        if body.stream:
+            return _sse(_chat_chunks(stream, request_id, created, config.served_model_name, body, tracker,
+                                     tokenizer()))
+        final = await _collect(stream, raw, tracker)
+        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
+                    "logprobs": _chat_logprobs(o, tokenizer()) if body.logprobs else None,
+                    "finish_reason": o.finish_reason} for o in final.outputs]
+        return {"id": request_id, "object": "chat.completion", "created": created,
+                "model": config.served_model_name, "choices": choices, "usage": _usage([final])}
+
+    # ---- completions ---------------------------------------------------------------------------
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request):
+        check_ready(body.model)
+        prompts = _completion_prompts(body.prompt, tokenizer())
+        params = sampling_params(body, body.max_tokens, body.logprobs)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        streams = []
+        try:
+            for i, (text, ids) in enumerate(prompts):
+                streams.append(submit(f"{request_id}-{i}", ids, params, text, body.priority))
+        except APIError:
+            for i in range(len(streams)):      # not started yet: closing them would not abort them
+                llm.abort(f"{request_id}-{i}")
+            raise
+        trackers = [metrics.track(len(ids)) for _, ids in prompts]
+        created = int(time.time())
+        if body.stream:
+            return _sse(_completion_chunks(streams, trackers, request_id, created, config.served_model_name,
+                                           body, tokenizer()))
+        finals = await asyncio.gather(*(_collect(s, raw, t) for s, t in zip(streams, trackers)))
+        choices = []
+        for p, final in enumerate(finals):
+            for o in final.outputs:
+                text = (final.prompt or "") + o.text if body.echo else o.text
+                choices.append({"index": p * body.n + o.index, "text": text,
+                                "logprobs": _completion_logprobs(o, tokenizer()) if body.logprobs is not None
+                                else None, "finish_reason": o.finish_reason})
+        return {"id": request_id, "object": "text_completion", "created": created,
+                "model": config.served_model_name, "choices": choices, "usage": _usage(finals)}
+
+    # ---- the rest ------------------------------------------------------------------------------
+
+    @app.get("/v1/models")
+    async def models():
+        if not llm.alive:
+            raise APIError(503, "the model is not loaded", "server_error", code="service_unavailable")
+        return {"object": "list", "data": [{
+            "id": config.served_model_name, "object": "model", "created": int(llm.started_at),
+            "owned_by": "leanserve", "root": llm.config.model, "max_model_len": llm.engine.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        if state.draining or not llm.alive:
+            status = "draining" if state.draining else ("failed" if llm.load_error else "loading")
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest):
+        check_ready(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' and 'messages'")
+        try:
+            if body.messages is not None:
+                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+                text = tokenizer().apply_chat_template(messages, body.add_generation_prompt)
+                tokens = tokenizer().encode(text, add_special_tokens=False)
+            else:
+                tokens = tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": llm.engine.max_model_len}
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest):
+        check_ready(body.model)
+        vocab = llm.engine.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in body.tokens):
+            raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
+        return {"prompt": tokenizer().decode(body.tokens, skip_special_tokens=False)}
+
+    return app
+
+
+# ---- requests and responses --------------------------------------------------------------------
+
+def _completion_prompts(prompt, tokenizer) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of each prompt of a completion request."""
+    if isinstance(prompt, str):
+        return [(prompt, tokenizer.encode(prompt))]
+    if all(isinstance(p, int) for p in prompt):
+        return [(None, list(prompt))]
+    return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+
+async def _collect(stream: AsyncIterator[RequestOutput], raw: Request, tracker) -> RequestOutput:
+    """The request's final output; aborts it if the client goes away first."""
+    async def consume() -> RequestOutput:
+        final = None
+        async for output in stream:
+            tracker.progress(output)
+            final = output
+        return final
+
+    task = asyncio.ensure_future(consume())
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            break
+        if await raw.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise APIError(499, "the client closed the connection")
+    final = task.result()
+    if final.error is not None:
+        raise APIError(500, f"the request failed inside the engine: {final.error}", "server_error")
+    return final
+
+
+def _usage(finals: list[RequestOutput]) -> dict:
+    prompt = sum(len(f.prompt_token_ids) for f in finals)
+    completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def _chat_logprobs(output, tokenizer, start: int = 0) -> dict:
+    def entry(token_id: int, logprob: float) -> dict:
+        text = _token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = []
+    for lp in (output.logprobs or [])[start:]:
+        item = entry(lp.token_id, lp.logprob)
+        item["top_logprobs"] = [entry(t, v) for t, v in lp.top]
+        content.append(item)
+    return {"content": content}
+
+
+def _completion_logprobs(output, tokenizer, start: int = 0, offset: int = 0) -> dict:
+    tokens, values, tops, offsets = [], [], [], []
+    for lp in (output.logprobs or [])[start:]:
+        text = _token_text(tokenizer, lp.token_id)
+        tokens.append(text)
+        values.append(lp.logprob)
+        tops.append({_token_text(tokenizer, t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _sse(events: AsyncIterator[dict]) -> StreamingResponse:
+    async def body():
+        async with _closing(events):
+            async for event in events:
+                yield f"data: {json.dumps(event, ensure_ascii=False)}\n\n"
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _stream_error(output: RequestOutput) -> dict:
+    return APIError(500, f"the request failed inside the engine: {output.error}", "server_error").body()
+
+
+async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer):
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        event = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                 "choices": choices}
+        if body.include_usage:
+            event["usage"] = usage
+        return event
+
+    yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                  "finish_reason": None} for i in range(body.n)])
+    final = None
+    async with _closing(stream):
+        async for output in stream:
+            tracker.progress(output)
+            final = output
+            if output.error is not None:
+                yield _stream_error(output)
+                return
+            choices = []
+            for o in output.outputs:
+                if not o.text_delta and not o.token_ids_delta and not o.finished:
+                    continue
+                start = len(o.token_ids) - len(o.token_ids_delta)
+                choices.append({"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
+                                "logprobs": _chat_logprobs(o, tokenizer, start) if body.logprobs else None,
+                                "finish_reason": o.finish_reason})
+            if choices:
+                yield chunk(choices)
+    if body.include_usage:
+        yield chunk([], _usage([final]))
+
+
+async def _completion_chunks(streams, trackers, request_id, created, model, body: CompletionRequest, tokenizer):
+    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
+        event = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+                 "choices": choices}
+        if body.include_usage:
+            event["usage"] = usage
+        return event
+
+    finals: list[RequestOutput | None] = [None] * len(streams)
+    offsets: dict[int, int] = {}
+    async with _closing(_merge(streams)) as merged:
+        async for p, output in merged:
+            trackers[p].progress(output)
+            finals[p] = output
+            if output.error is not None:
+                yield _stream_error(output)
+                return
+            choices = []
+            for o in output.outputs:
+                if not o.text_delta and not o.token_ids_delta and not o.finished:
+                    continue
+                index = p * body.n + o.index
+                start = len(o.token_ids) - len(o.token_ids_delta)
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs(o, tokenizer, start, offsets.get(index, 0))
+                    offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
+                choices.append({"index": index, "text": o.text_delta, "logprobs": logprobs,
+                                "finish_reason": o.finish_reason})
+            if choices:
+                yield chunk(choices)
+    if body.include_usage:
+        yield chunk([], _usage(finals))
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index; closes all at the end."""
+    if len(streams) == 1:
+        async with _closing(streams[0]):
+            async for output in streams[0]:
+                yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream) -> None:
+        try:
+            async for output in stream:
+                await queue.put((i, output))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, output = await queue.get()
+            if output is None:
+                remaining -= 1
+            else:
+                yield i, output
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _closing:
+    """Close an async generator on exit, so an early exit (client gone) aborts the request at once."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+
+    async def __aenter__(self):
+        return self.stream
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stream.aclose()
+
+
+# ---- the gate: body size, API key, in-flight count, HTTP status metrics -------------------------
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class _Gate:
+    """Pure ASGI middleware (so streaming and disconnects pass straight through)."""
+
+    def __init__(self, app, config: ServerConfig, state: ServerState, metrics: ServerMetrics) -> None:
+        self.app, self.config, self.state, self.metrics = app, config, state, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        status = {"code": 500, "sent": False}
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["sent"] = message["status"], True
+            await send(message)
+
+        try:
+            error = self._refuse(scope, path)
+            if error is not None:
+                await error.response()(scope, receive, counting_send)
+                return
+            limit, seen = self.config.max_body_bytes, 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        raise _BodyTooLarge
+                return message
+
+            tracked = path not in OPEN_PATHS
+            self.state.in_flight += tracked
+            try:
+                await self.app(scope, limited_receive, counting_send)
+            except _BodyTooLarge:
+                if not status["sent"]:
+                    await self._too_large().response()(scope, receive, counting_send)
+            finally:
+                self.state.in_flight -= tracked
+        finally:
+            self.metrics.http_requests.labels(self.metrics.model_name, scope["method"], _route(path),
+                                              str(status["code"])).inc()
+
+    def _refuse(self, scope, path: str) -> APIError | None:
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.config.max_body_bytes:
+            return self._too_large()
+        if self.config.api_key and path not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            token = auth[7:] if auth.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(token.encode(), self.config.api_key.encode()):
+                return APIError(401, "missing or invalid API key", "authentication_error", code="invalid_api_key")
+        return None
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"the request body exceeds {self.config.max_body_bytes} bytes",
+                        code="request_too_large")
+
+
+def _route(path: str) -> str:
+    """Known paths as they are, anything else as one label value (bounded label cardinality)."""
+    known = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize") + OPEN_PATHS
+    return path if path in known else "other"
