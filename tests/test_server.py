@@ -1,0 +1,233 @@
+"""The HTTP API against the ASGI app (httpx), on the tiny model: protocol, errors, faults, metrics."""
+import asyncio
+import json
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from leanserve.engine.async_llm import AsyncLLM
+from leanserve.engine.engine_config import EngineConfig
+from leanserve.server.app import ServerConfig, create_app
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_hf_dir):
+    engine = AsyncLLM(EngineConfig(model=str(tiny_hf_dir), kv_cache_tokens=4096, max_model_len=1024))
+    engine.start()
+    assert engine.ready.wait(120) and engine.load_error is None
+    yield engine
+    engine.stop()
+
+
+def make_client(llm, **config) -> httpx.AsyncClient:
+    app = create_app(llm, ServerConfig(served_model_name=MODEL, **config))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def chat_body(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 12,
+            "temperature": 0, **extra}
+
+
+def sse_events(text: str) -> list:
+    lines = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_chat_streamed_text_equals_non_streamed(llm):
+    async def go():
+        async with make_client(llm) as client:
+            plain = (await client.post("/v1/chat/completions", json=chat_body(ignore_eos=True))).json()
+            streamed = await client.post("/v1/chat/completions",
+                                         json=chat_body(ignore_eos=True, stream=True,
+                                                        stream_options={"include_usage": True}))
+            return plain, streamed
+    plain, streamed = run(go())
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(streamed.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
+    assert text == plain["choices"][0]["message"]["content"]
+    assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    assert plain["usage"]["completion_tokens"] == 12 and plain["object"] == "chat.completion"
+
+
+def test_completions_n_seed_logprobs_stop(llm):
+    async def go():
+        async with make_client(llm) as client:
+            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0,
+                    "n": 3, "seed": 11, "logprobs": 2, "ignore_eos": True}
+            first = (await client.post("/v1/completions", json=body)).json()
+            again = (await client.post("/v1/completions", json=body)).json()
+            greedy = (await client.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 8,
+                                                                   "temperature": 0, "ignore_eos": True})).json()
+            return first, again, greedy
+    first, again, greedy = run(go())
+    assert [c["index"] for c in first["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in first["choices"]] == [c["text"] for c in again["choices"]]
+    assert len({c["text"] for c in first["choices"]}) == 3
+    lp = first["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == 8
+    assert all(len(top) <= 2 for top in lp["top_logprobs"]) and "".join(lp["tokens"]) == first["choices"][0]["text"]
+    assert first["usage"]["completion_tokens"] == 24
+
+    text = greedy["choices"][0]["text"]
+    stop = text[3:6]
+
+    async def stopped():
+        async with make_client(llm) as client:
+            body = {"prompt": [5, 6, 7], "max_tokens": 8, "temperature": 0, "stop": [stop], "ignore_eos": True}
+            return (await client.post("/v1/completions", json=body)).json()
+    out = run(stopped())["choices"][0]
+    assert out["text"] == text[:text.index(stop)] and out["finish_reason"] == "stop"
+
+
+def test_chat_logprobs_shape(llm):
+    async def go():
+        async with make_client(llm) as client:
+            return (await client.post("/v1/chat/completions", json=chat_body(logprobs=True, top_logprobs=3))).json()
+    content = run(go())["choices"][0]["logprobs"]["content"]
+    assert content and all(len(c["top_logprobs"]) == 3 and c["logprob"] <= 0 for c in content)
+    assert content[0]["top_logprobs"][0]["token"] == content[0]["token"]    # greedy picks the top one
+
+
+def test_models_health_tokenize_detokenize(llm):
+    async def go():
+        async with make_client(llm) as client:
+            models = (await client.get("/v1/models")).json()
+            health = await client.get("/health")
+            tokens = (await client.post("/tokenize", json={"prompt": "Hello world"})).json()
+            text = (await client.post("/detokenize", json={"tokens": tokens["tokens"]})).json()
+            chat = (await client.post("/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]})).json()
+            docs = await client.get("/docs")
+            return models, health, tokens, text, chat, docs
+    models, health, tokens, text, chat, docs = run(go())
+    assert models["data"][0]["id"] == MODEL and models["data"][0]["max_model_len"] == 1024
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    assert tokens["count"] == len(tokens["tokens"]) > 0 and text["prompt"] == "Hello world"
+    assert chat["count"] > 10 and docs.status_code == 200
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 5000}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": []}, 400, "messages"),
+    ({"messages": "hello"}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+])
+def test_bad_chat_requests_get_openai_errors(llm, body, status, param):
+    async def go():
+        async with make_client(llm) as client:
+            return await client.post("/v1/chat/completions", json=body)
+    response = run(go())
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if param:
+        assert error["param"] is not None and error["param"].startswith(param)
+
+
+def test_malformed_json_oversized_body_and_bad_completions(llm):
+    async def go():
+        async with make_client(llm, max_body_bytes=2000) as client:
+            malformed = await client.post("/v1/chat/completions", content=b"{not json",
+                                          headers={"content-type": "application/json"})
+            huge = await client.post("/v1/completions", json={"prompt": "x" * 5000})
+            empty = await client.post("/v1/completions", json={"prompt": ""})
+            bad_ids = await client.post("/v1/completions", json={"prompt": [10**9]})
+            bad_detok = await client.post("/detokenize", json={"tokens": [-1]})
+            return malformed, huge, empty, bad_ids, bad_detok
+    malformed, huge, empty, bad_ids, bad_detok = run(go())
+    assert malformed.status_code == 400 and "JSON" in malformed.json()["error"]["message"]
+    assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
+    assert empty.status_code == bad_ids.status_code == bad_detok.status_code == 400
+
+
+def test_api_key_guards_the_api_but_not_health_or_metrics(llm):
+    async def go():
+        async with make_client(llm, api_key="s3cret") as client:
+            missing = await client.post("/v1/chat/completions", json=chat_body())
+            wrong = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            right = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            health, metrics = await client.get("/health"), await client.get("/metrics")
+            return missing, wrong, right, health, metrics
+    missing, wrong, right, health, metrics = run(go())
+    assert missing.status_code == wrong.status_code == 401
+    assert missing.json()["error"]["type"] == "authentication_error"
+    assert right.status_code == health.status_code == metrics.status_code == 200
+
+
+def test_full_queue_answers_429_with_retry_after(llm):
+    async def go():
+        async with make_client(llm, max_queued_requests=0) as client:
+            return await client.post("/v1/chat/completions", json=chat_body())
+    response = run(go())
+    assert response.status_code == 429 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+def test_a_failing_step_fails_only_its_requests(llm, monkeypatch):
+    runner = llm.engine.runner
+    real_execute = runner.execute
+
+    def execute(batch):
+        if any(4242 in r.prompt_token_ids for r in batch.requests):
+            raise RuntimeError("injected fault")
+        return real_execute(batch)
+
+    monkeypatch.setattr(runner, "execute", execute)
+
+    async def go():
+        async with make_client(llm) as client:
+            poisoned = await client.post("/v1/completions", json={"prompt": [4242, 5], "max_tokens": 4})
+            streamed = await client.post("/v1/completions", json={"prompt": [4242, 6], "max_tokens": 4,
+                                                                   "stream": True})
+            healthy = await client.post("/v1/completions", json={"prompt": [7, 8], "max_tokens": 4})
+            return poisoned, streamed, healthy
+    poisoned, streamed, healthy = run(go())
+    assert poisoned.status_code == 500 and "injected fault" in poisoned.json()["error"]["message"]
+    assert "injected fault" in sse_events(streamed.text)[-1]["error"]["message"]
+    assert healthy.status_code == 200 and healthy.json()["usage"]["completion_tokens"] == 4
+    assert llm.engine.block_manager.num_used_blocks == 0
+
+
+def test_metrics_count_requests_tokens_and_latencies(llm):
+    async def go():
+        async with make_client(llm) as client:
+            for _ in range(2):
+                await client.post("/v1/chat/completions", json=chat_body(ignore_eos=True))
+            await client.post("/v1/chat/completions", json={"messages": []})
+            return (await client.get("/metrics")).text
+    text = run(go())
+
+    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    def value(name: str, **labels) -> float:
+        labels = {"model_name": MODEL, **labels}
+        return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
+
+    assert value("leanserve:generation_tokens_total") >= 24
+    assert value("leanserve:request_success_total", finished_reason="length") >= 2
+    for histogram, count in [("time_to_first_token_seconds", 2), ("inter_token_latency_seconds", 22),
+                             ("e2e_request_latency_seconds", 2), ("request_queue_time_seconds", 2),
+                             ("iteration_tokens_total", 24), ("request_prompt_tokens", 2),
+                             ("request_generation_tokens", 2)]:
+        assert value(f"leanserve:{histogram}_count") >= count, histogram
+    assert value("leanserve:num_requests_running") == value("leanserve:kv_cache_usage_perc") == 0
+    assert value("leanserve:http_requests_total", method="POST", path="/v1/chat/completions", status="400") >= 1
+    assert value("leanserve:prompt_tokens_total") > 0
+    names = {s.name for s in samples}
+    assert {"leanserve:num_preemptions_total", "leanserve:prefix_cache_queries_total",
+            "leanserve:prefix_cache_hits_total", "leanserve:num_requests_waiting"} <= names
+    assert not any(n.endswith("_created") for n in names)
