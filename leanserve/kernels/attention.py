@@ -33,16 +33,17 @@ class AttentionMetadata:
 
 @dataclass
 class DecodeTiles:
-    """Decode sequences (one query token each) cut into tiles of their contexts.
+    """Decode sequences (one query token each) cut into tiles of whole cache blocks.
 
-    Tile t covers `tile_slots[t]` (padded past the context end with slot 0 and
-    masked by `tile_valid`), for decode sequence `tile_seq[t]`.
+    Tile t is `tile_blocks[t]` (padded past the context's last block with block
+    0), for decode sequence `tile_seq[t]`; `tile_mask[t]` is 0 on its context's
+    tokens and -inf past the end.
     """
 
-    rows: torch.Tensor        # [D] row of each decode sequence's query in the flat batch
-    tile_seq: torch.Tensor    # [N] decode-sequence index of each tile
-    tile_slots: torch.Tensor  # [N, tile] cache slots
-    tile_valid: torch.Tensor  # [N, tile] bool
+    rows: torch.Tensor         # [B] row of each decode sequence's query in the flat batch
+    tile_seq: torch.Tensor     # [N] decode-sequence index of each tile
+    tile_blocks: torch.Tensor  # [N, blocks per tile] cache blocks
+    tile_mask: torch.Tensor    # [N, 1, 1, tile tokens] additive mask
 
 
 _context: AttentionMetadata | None = None
@@ -69,17 +70,23 @@ def context_slots(block_table: list[int], block_size: int, positions: torch.Tens
 
 
 class TorchAttentionBackend:
-    """Plain torch attention for the CPU: no padded query rows or keys beyond a decode tile's tail.
+    """Torch attention for the CPU: no padded query rows, no keys past a decode tile's tail.
 
     Prefill segments (several query tokens) run one SDPA call each: a fresh prompt
     attends to its own new keys with a causal mask; a chunk or a prompt with a
     cached prefix reads its earlier keys from the cache. Decode sequences (one
-    query token) are cut into tiles of `tile_size` cached tokens, computed as
-    one batched product, and each sequence's tiles are merged by log-sum-exp.
+    query token each) are lean attention's flat batch of tiles: every context is
+    cut into tiles of `tile_size` tokens (whole cache blocks), all tiles of all
+    sequences go through one flash-attention call that also returns each tile's
+    log-sum-exp, and each sequence's tiles are merged by log-sum-exp. Work is
+    proportional to the sum of context lengths, not batch x longest context.
     """
 
     def __init__(self, tile_size: int = 128) -> None:
         self.tile_size = tile_size
+        # Gathered tiles land in buffers reused across layers and steps: a fresh
+        # allocation this large is page-faulted in each time, which costs more than the copy.
+        self._workspace = torch.empty(0)
 
     def prepare(self, md: AttentionMetadata) -> None:
         md.prefill, decode = [], []
@@ -95,19 +102,24 @@ class TorchAttentionBackend:
         md.decode = self._decode_tiles(md, decode) if decode else None
 
     def _decode_tiles(self, md: AttentionMetadata, seqs: list[int]) -> DecodeTiles:
+        bs = md.block_size
+        blocks_per_tile = max(1, self.tile_size // bs)
         context_lens = torch.tensor([md.context_lens[s] for s in seqs])
-        tiles_per_seq = (context_lens + self.tile_size - 1) // self.tile_size
+        num_blocks = (context_lens + bs - 1) // bs
+        tiles_per_seq = (num_blocks + blocks_per_tile - 1) // blocks_per_tile
         tile_seq = torch.repeat_interleave(torch.arange(len(seqs)), tiles_per_seq)
         first_tile = torch.cumsum(tiles_per_seq, 0) - tiles_per_seq
-        tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * self.tile_size
-        positions = tile_start[:, None] + torch.arange(self.tile_size)          # [N, tile]
-        valid = positions < context_lens[tile_seq][:, None]
-        width = max(len(md.block_tables[s]) for s in seqs)
-        tables = torch.tensor([md.block_tables[s] + [0] * (width - len(md.block_tables[s])) for s in seqs])
-        blocks = tables[tile_seq[:, None], (positions // md.block_size).clamp(max=width - 1)]
-        slots = torch.where(valid, blocks * md.block_size + positions % md.block_size, 0)
+        tile_start = (torch.arange(len(tile_seq)) - first_tile[tile_seq]) * blocks_per_tile     # in blocks
+        block_index = tile_start[:, None] + torch.arange(blocks_per_tile)                        # [N, blocks]
+        width = int(num_blocks.max())
+        tables = torch.tensor([md.block_tables[s][:width] + [0] * (width - len(md.block_tables[s][:width]))
+                               for s in seqs])
+        in_context = block_index < num_blocks[tile_seq][:, None]
+        blocks = torch.where(in_context, tables[tile_seq[:, None], block_index.clamp(max=width - 1)], 0)
+        positions = tile_start[:, None] * bs + torch.arange(blocks_per_tile * bs)
+        mask = torch.zeros(positions.shape).masked_fill_(positions >= context_lens[tile_seq][:, None], float("-inf"))
         rows = torch.tensor([md.query_starts[s] for s in seqs])
-        return DecodeTiles(rows, tile_seq, slots, valid)
+        return DecodeTiles(rows, tile_seq, blocks, mask[:, None, None, :])
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
@@ -126,8 +138,42 @@ class TorchAttentionBackend:
                 keys, values = k_flat[cached], v_flat[cached]
             out[rows] = _causal_attention(q[rows], keys, values)
         if md.decode is not None:
-            out[md.decode.rows] = _tiled_decode_attention(q[md.decode.rows], k_flat, v_flat, md.decode)
+            out[md.decode.rows] = self._decode(q[md.decode.rows], k_cache, v_cache, md.decode)
         return out
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                tiles: DecodeTiles) -> torch.Tensor:
+        """q [B, H, D], one token per sequence; returns [B, H, D]."""
+        batch, num_heads, head_dim = q.shape
+        num_tiles, blocks_per_tile = tiles.tile_blocks.shape
+        num_kv_heads = k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        block_numel = k_cache[0].numel()
+        needed = 2 * tiles.tile_blocks.numel() * block_numel
+        if self._workspace.numel() < needed or self._workspace.dtype != k_cache.dtype:
+            self._workspace = torch.empty(needed, dtype=k_cache.dtype)
+        buffers = self._workspace[:needed].view(2, -1, block_numel)
+        ids = tiles.tile_blocks.view(-1)
+        shape = (num_tiles, blocks_per_tile * k_cache.shape[1], num_kv_heads, head_dim)
+        keys = torch.index_select(k_cache.view(k_cache.shape[0], -1), 0, ids, out=buffers[0]).view(shape)
+        values = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, ids, out=buffers[1]).view(shape)
+        queries = q.view(batch, num_kv_heads, group, head_dim)[tiles.tile_seq]           # [N, Hkv, G, D]
+        tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            queries, keys.transpose(1, 2), values.transpose(1, 2), 0.0, False,
+            attn_mask=tiles.tile_mask.to(q.dtype), scale=1.0 / math.sqrt(head_dim))[:2]
+        return merge_by_lse(tile_out.float(), tile_lse, tiles.tile_seq, batch).view(q.shape).to(q.dtype)
+
+
+def merge_by_lse(partial: torch.Tensor, lse: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Merge partial softmax outputs [N, ...rows, D] with log-sum-exps [N, ...rows] into [num_segments, ...rows, D]:
+    O = sum_j exp(lse_j - L) o_j with L the segment's combined log-sum-exp."""
+    rows = lse.shape[1:]
+    top = torch.full((num_segments, *rows), float("-inf")).scatter_reduce(
+        0, segment.view(-1, *[1] * len(rows)).expand_as(lse), lse, "amax")
+    weight = torch.exp(lse - top[segment])
+    numerator = torch.zeros(num_segments, *partial.shape[1:]).index_add_(0, segment, partial * weight[..., None])
+    denominator = torch.zeros(num_segments, *rows).index_add_(0, segment, weight)
+    return numerator / denominator[..., None]
 
 
 def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -141,29 +187,3 @@ def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
         q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
         attn_mask=mask, is_causal=mask is None and n > 1, enable_gqa=q.shape[1] != k.shape[1])
     return out[0].transpose(0, 1)
-
-
-def _tiled_decode_attention(q: torch.Tensor, k_flat: torch.Tensor, v_flat: torch.Tensor,
-                            tiles: DecodeTiles) -> torch.Tensor:
-    """q [B, H, D] one token per sequence; returns [B, H, D]."""
-    batch, num_heads, head_dim = q.shape
-    num_kv_heads = k_flat.shape[1]
-    group = num_heads // num_kv_heads
-    keys = k_flat[tiles.tile_slots]                      # [N, tile, Hkv, D]
-    values = v_flat[tiles.tile_slots]
-    queries = q.view(batch, num_kv_heads, group, head_dim)[tiles.tile_seq]   # [N, Hkv, G, D]
-    scores = torch.einsum("nhgd,nthd->nhgt", queries, keys) * (1.0 / math.sqrt(head_dim))
-    scores = scores.masked_fill(~tiles.tile_valid[:, None, None, :], float("-inf"))
-    tile_max = scores.amax(dim=-1)                       # [N, Hkv, G]
-    probs = torch.exp(scores - tile_max.unsqueeze(-1))
-    tile_sum = probs.sum(dim=-1)
-    tile_out = torch.einsum("nhgt,nthd->nhgd", probs, values)
-    # Merge the tiles of each sequence: rescale each to the sequence's running max.
-    seq_max = torch.full((batch, num_kv_heads, group), float("-inf"), dtype=scores.dtype).scatter_reduce(
-        0, tiles.tile_seq[:, None, None].expand_as(tile_max), tile_max, "amax")
-    weight = torch.exp(tile_max - seq_max[tiles.tile_seq])
-    numerator = torch.zeros(batch, num_kv_heads, group, head_dim, dtype=scores.dtype)
-    numerator.index_add_(0, tiles.tile_seq, tile_out * weight.unsqueeze(-1))
-    denominator = torch.zeros(batch, num_kv_heads, group, dtype=scores.dtype)
-    denominator.index_add_(0, tiles.tile_seq, tile_sum * weight)
-    return (numerator / denominator.unsqueeze(-1)).view(batch, num_heads, head_dim).to(q.dtype)
