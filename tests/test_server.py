@@ -125,6 +125,9 @@ def test_models_health_tokenize_detokenize(llm):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ({"model": "gpt-17", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+    ({"messages": [{"role": "user", "content": "x"}], "seed": 2**70}, 400, None),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400, None),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
 ])
 def test_bad_chat_requests_get_openai_errors(llm, body, status, param):
     async def go():

@@ -129,7 +129,7 @@ class AsyncLLM:
                 _, request_id, token_ids, params, prompt, priority = command
                 try:
                     self.engine.add_request(request_id, token_ids, params, priority=priority, prompt_text=prompt)
-                except ValueError as e:
+                except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine thread
                     self._deliver(request_id, e)
             elif command[0] == "abort":
                 self.engine.abort_request(command[1])

@@ -66,6 +66,10 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     async def _api_error(_: Request, e: APIError):
         return e.response()
 
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, e: Exception):
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error").response()
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError):
         first = e.errors()[0] if e.errors() else {}
