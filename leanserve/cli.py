@@ -49,7 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=serve.run)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from leanserve.bench import prefill, throughput
+    from leanserve.bench import prefill, serve as bench_serve, throughput
+    load = bench.add_parser("serve", help="load generator against an OpenAI-compatible server")
+    bench_serve.add_arguments(load)
+    load.set_defaults(func=bench_serve.run)
     tput = bench.add_parser("throughput", help="offline throughput on a chat workload, optionally against transformers")
     throughput.add_arguments(tput)
     tput.set_defaults(func=throughput.run)

@@ -172,3 +172,20 @@ def test_sigterm_drains_in_flight_requests_then_exits_zero(tiny_hf_dir):
         rest = [line for line in lines if line.startswith("data: ")]
     assert rest[-1] == "data: [DONE]" and '"finish_reason": "length"' in rest[-2]
     assert process.wait(30) == 0
+
+
+def test_load_generator_against_the_server(server, tmp_path):
+    from leanserve.bench.serve import run_load, summarize
+
+    workload = tmp_path / "w.jsonl"
+    workload.write_text("".join(
+        f'{{"id": "r{i}", "messages": [{{"role": "user", "content": "Say something {i}."}}], "max_tokens": {4 + i}}}\n'
+        for i in range(4)))
+    from leanserve.bench.workload import load_workload
+    results, duration = asyncio.run(run_load(server, load_workload(workload), model=None, rate=20.0, burstiness=1.0,
+                                             max_concurrency=2, seed=0, api_key="test-key", progress=False))
+    summary = summarize(results, duration, {})
+    assert summary["completed"] == 4 and summary["failed"] == 0
+    assert summary["output_tokens"] == 4 + 5 + 6 + 7               # ignore_eos: exactly max_tokens each
+    assert [len(r.token_times) for r in results] == [4, 5, 6, 7]
+    assert all(r.ttft > 0 for r in results) and summary["itl_ms"]["mean"] > 0

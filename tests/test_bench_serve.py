@@ -1,0 +1,36 @@
+"""The load generator: arrival process and summary on synthetic results (the live run is in test_server_e2e)."""
+import math
+import statistics
+
+import pytest
+
+from leanserve.bench.serve import RequestResult, arrival_gaps, parse_goodput, summarize
+
+
+def test_arrivals_are_gamma_with_the_asked_rate_and_burstiness():
+    poisson = arrival_gaps(20000, rate=4.0, burstiness=1.0, seed=1)
+    bursty = arrival_gaps(20000, rate=4.0, burstiness=0.25, seed=1)
+    assert statistics.fmean(poisson) == pytest.approx(0.25, rel=0.05)
+    assert statistics.fmean(bursty) == pytest.approx(0.25, rel=0.1)
+    # Coefficient of variation is 1/sqrt(shape): 1 for Poisson, 2 for shape 0.25.
+    assert statistics.pstdev(poisson) / statistics.fmean(poisson) == pytest.approx(1.0, rel=0.05)
+    assert statistics.pstdev(bursty) / statistics.fmean(bursty) == pytest.approx(2.0, rel=0.1)
+    assert arrival_gaps(3, rate=math.inf, burstiness=1.0, seed=0) == [0.0, 0.0, 0.0]
+
+
+def test_summary_latencies_and_goodput():
+    fast = RequestResult(ok=True, start=0.0, ttft=0.1, latency=1.0, prompt_tokens=10, output_tokens=10,
+                         token_times=[0.1 + 0.1 * i for i in range(10)])
+    slow = RequestResult(ok=True, start=0.0, ttft=3.0, latency=5.0, prompt_tokens=20, output_tokens=5,
+                         token_times=[3.0, 3.5, 4.0, 4.5, 5.0])
+    failed = RequestResult(error="HTTP 500")
+    summary = summarize([fast, slow, failed], duration=10.0, goodput=parse_goodput(["ttft:1000", "tpot:200"]))
+    assert (summary["completed"], summary["failed"]) == (2, 1)
+    assert summary["output_token_throughput"] == pytest.approx(1.5)
+    assert summary["total_token_throughput"] == pytest.approx(4.5)
+    assert summary["ttft_ms"]["p50"] == pytest.approx(100) and summary["ttft_ms"]["p99"] == pytest.approx(3000)
+    assert summary["tpot_ms"]["mean"] == pytest.approx((100 + 500) / 2)
+    assert summary["goodput"] == pytest.approx(0.1)          # only the fast request meets both SLOs
+    assert summary["errors"] == ["HTTP 500"]
+    with pytest.raises(ValueError):
+        parse_goodput(["latency:5"])
