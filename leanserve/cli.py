@@ -50,18 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     from leanserve.bench import prefill, serve as bench_serve, throughput
-    load = bench.add_parser("serve", help="load generator against an OpenAI-compatible server")
-    bench_serve.add_arguments(load)
-    load.set_defaults(func=bench_serve.run)
-    tput = bench.add_parser("throughput", help="offline throughput on a chat workload, optionally against transformers")
-    throughput.add_arguments(tput)
-    tput.set_defaults(func=throughput.run)
-    pre = bench.add_parser("prefill", help="prepacked prefill against padded and one-at-a-time prefill")
-    prefill.add_prefill_arguments(pre)
-    pre.set_defaults(func=prefill.run_prefill)
-    chunk = bench.add_parser("chunked-prefill", help="decode latency while a long prompt arrives, chunked or not")
-    prefill.add_chunked_arguments(chunk)
-    chunk.set_defaults(func=prefill.run_chunked)
+    for name, help_text, add_arguments, func in [
+        ("serve", "load generator against an OpenAI-compatible server", bench_serve.add_arguments, bench_serve.run),
+        ("throughput", "offline throughput on a chat workload, optionally against transformers",
+         throughput.add_arguments, throughput.run),
+        ("prefill", "prepacked prefill against padded and one-at-a-time prefill",
+         prefill.add_prefill_arguments, prefill.run_prefill),
+        ("chunked-prefill", "decode latency while a long prompt arrives, chunked or not",
+         prefill.add_chunked_arguments, prefill.run_chunked),
+    ]:
+        sub = bench.add_parser(name, help=help_text)
+        add_arguments(sub)
+        sub.set_defaults(func=func)
     return parser
 
 

@@ -301,14 +301,18 @@ def _stream_error(output: RequestOutput) -> dict:
     return APIError(500, f"the request failed inside the engine: {output.error}", "server_error").body()
 
 
-async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer):
+def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_usage: bool):
+    """Builds one streamed event; with include_usage every chunk has `usage` (null until the last)."""
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        event = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                 "choices": choices}
-        if body.include_usage:
+        event = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
+        if include_usage:
             event["usage"] = usage
         return event
+    return chunk
 
+
+async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer):
+    chunk = _chunk_maker(request_id, "chat.completion.chunk", created, model, body.include_usage)
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(body.n)])
     final = None
@@ -334,13 +338,7 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
 
 
 async def _completion_chunks(streams, trackers, request_id, created, model, body: CompletionRequest, tokenizer):
-    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        event = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                 "choices": choices}
-        if body.include_usage:
-            event["usage"] = usage
-        return event
-
+    chunk = _chunk_maker(request_id, "text_completion", created, model, body.include_usage)
     finals: list[RequestOutput | None] = [None] * len(streams)
     offsets: dict[int, int] = {}
     async with _closing(_merge(streams)) as merged:
