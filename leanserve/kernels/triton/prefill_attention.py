@@ -1,0 +1,137 @@
+"""Varlen causal prefill attention in Triton over a prepacked (flat, unpadded) batch.
+
+Sequence s owns query rows query_starts[s] .. + query_lens[s] of q [T, H, D];
+its context has context_lens[s] >= query_lens[s] tokens, all of them already in
+the paged cache (the runner writes the new keys and values before attention),
+so the kernel reads every key through the block table, whether it came from a
+prefix hit, an earlier chunk or this step. Query i sits at absolute position
+ctx_len - q_len + i and attends keys 0 .. that position: block-diagonal causal
+attention over the packed batch, no padding rows.
+
+One program per (sequence, query block, query head), flash-attention style
+online softmax. The (sequence, query block) work list is built on the host
+(`plan_prefill_blocks`) so no program is launched for padding.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from leanserve.kernels.triton.lean_attention import compute_dtype, dot_precision
+
+
+def plan_prefill_blocks(query_lens: list[int], block_m: int, device: torch.device | str = "cpu"
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block of `block_m` rows: its sequence and its block index within the sequence."""
+    seqs, blocks = [], []
+    for seq, q_len in enumerate(query_lens):
+        n = -(-q_len // block_m)
+        seqs += [seq] * n
+        blocks += range(n)
+    return (torch.tensor(seqs, dtype=torch.int32, device=device),
+            torch.tensor(blocks, dtype=torch.int32, device=device))
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, Out, BlockTables, QueryStarts, QueryLens, ContextLens, WorkSeq, WorkBlock, scale,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_bt,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAGE: tl.constexpr,
+    DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    work = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.load(WorkSeq + work)
+    q_block = tl.load(WorkBlock + work)
+    q_start = tl.load(QueryStarts + seq)
+    q_len = tl.load(QueryLens + seq)
+    ctx_len = tl.load(ContextLens + seq)
+    kv_head = head // GROUP
+
+    offs_m = q_block * BLOCK_M + tl.arange(0, BLOCK_M)       # query index within the sequence
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < HEAD_DIM
+    row_valid = offs_m < q_len
+    q_pos = ctx_len - q_len + offs_m                          # absolute position of each query
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                mask=row_valid[:, None] & mask_d[None, :], other=0.0).to(DTYPE)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    # Keys past the block's last query position are masked for every row: don't read them.
+    # (Padding rows past q_len sit at positions >= ctx_len and see every key: no all -inf row.)
+    key_end = tl.minimum(ctx_len, ctx_len - q_len + (q_block + 1) * BLOCK_M)
+    for n0 in range(0, key_end, BLOCK_N):
+        pos = n0 + offs_n
+        key_valid = pos < key_end
+        block = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=key_valid, other=0).to(tl.int64)
+        in_block = pos % PAGE
+        kv_mask = key_valid[:, None] & mask_d[None, :]
+        k = tl.load(K + block[:, None] * stride_kb + in_block[:, None] * stride_ks + kv_head * stride_kh
+                    + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                 # [M, N] fp32
+        visible = key_valid[None, :] & (pos[None, :] <= q_pos[:, None])
+        qk = tl.where(visible, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + block[:, None] * stride_vb + in_block[:, None] * stride_vs + kv_head * stride_vh
+                    + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+             out.to(Out.dtype.element_ty), mask=row_valid[:, None] & mask_d[None, :])
+
+
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                      query_starts: torch.Tensor, query_lens: torch.Tensor, context_lens: torch.Tensor,
+                      scale: float | None = None, *, out: torch.Tensor | None = None,
+                      block_m: int = 32, block_n: int = 32,
+                      work: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Causal attention of each sequence's query rows over its cached context.
+
+    q [T, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D] already holding
+    every sequence's keys and values (new ones included); block_tables int32
+    [S, max_blocks]; query_starts, query_lens, context_lens int32 [S]. Writes the
+    sequences' rows of `out` (default a new tensor like q; other rows untouched)
+    and returns it. `work` is `plan_prefill_blocks(query_lens, block_m)` on q's
+    device, built here (reading query_lens back to the host) when not given.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    if num_heads % num_kv_heads:
+        raise ValueError(f"query heads ({num_heads}) must be a multiple of KV heads ({num_kv_heads})")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("the head dimension must be contiguous")
+    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
+    if out is None:
+        out = torch.empty_like(q)
+    if work is None:
+        work = plan_prefill_blocks(query_lens.tolist(), block_m, q.device)
+    work_seq, work_block = work
+    if work_seq.numel() == 0:
+        return out
+    block_tables = block_tables.to(torch.int32)
+    dtype = compute_dtype(q)
+    _prefill_kernel[(work_seq.numel(), num_heads)](
+        q, k_cache, v_cache, out, block_tables, query_starts, query_lens, context_lens, work_seq, work_block, scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=block_m, BLOCK_N=block_n, PAGE=k_cache.shape[1], DTYPE=dtype, PRECISION=dot_precision(dtype),
+    )
+    return out
