@@ -309,3 +309,15 @@ def test_backend_matches_torch_backend(block_size, num_kv, group, num_kv_heads_g
         assert relative_error(triton_out[rows], expected) < 1e-5, f"sequence {i} {shapes[i]}"
         assert relative_error(triton_out[rows], torch_out[rows].double()) < 1e-5
 
+
+
+def test_engine_with_the_triton_backend_generates_what_the_torch_backend_does(tiny_hf_dir):
+    from leanserve import LLM, SamplingParams
+
+    prompts = [[5, 6, 7], list(range(100, 160)), [42]]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "triton"):
+        llm = LLM(str(tiny_hf_dir), kv_cache_tokens=1024, attention_backend=backend, max_num_batched_tokens=32)
+        outputs[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    assert outputs["triton"] == outputs["torch"]

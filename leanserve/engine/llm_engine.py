@@ -52,7 +52,8 @@ class LLMEngine:
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
         num_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks, config.block_size)
+        self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks,
+                                  config.block_size, config.device, config.attention_backend)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)

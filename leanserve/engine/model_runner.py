@@ -14,19 +14,32 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype.itemsize
 
 
+def make_attention_backend(name: str, device: torch.device, num_kv_heads: int):
+    """'auto' is Triton on a GPU and the torch (lean attention) backend on the CPU."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "triton":
+        from leanserve.kernels.triton_backend import TritonAttentionBackend
+        return TritonAttentionBackend(num_kv_heads=num_kv_heads)
+    if device.type != "cpu":
+        raise ValueError("the torch attention backend is the CPU path; use attention_backend='triton' on a GPU")
+    return TorchAttentionBackend()
+
+
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 num_blocks: int, block_size: int) -> None:
+                 num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto") -> None:
         self.config = config
         self.block_size = block_size
-        self.backend = TorchAttentionBackend()
+        self.device = torch.device(device)
+        self.backend = make_attention_backend(attention_backend, self.device, config.num_key_value_heads)
         self.model = LlamaForCausalLM(config, self.backend).to(dtype)
         self.model.load_weights(weights)
-        self.model.eval()
+        self.model.to(self.device).eval()
         # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
@@ -50,10 +63,12 @@ class ModelRunner:
             if end == request.num_tokens:
                 sample_rows.append(len(input_ids) - 1)
         metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=list(batch.num_tokens),
+            slot_mapping=torch.tensor(slots, device=self.device), query_starts=query_starts, query_lens=list(batch.num_tokens),
             context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
         self.backend.prepare(metadata)
-        return torch.tensor(input_ids), torch.tensor(positions), metadata, torch.tensor(sample_rows, dtype=torch.long)
+        device = self.device
+        return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), metadata,
+                torch.tensor(sample_rows, dtype=torch.long, device=device))
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
@@ -62,4 +77,4 @@ class ModelRunner:
         with forward_context(metadata):
             hidden = self.model(input_ids, positions)
         sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
-        return self.model.compute_logits(hidden[sample_rows]), sampling
+        return self.model.compute_logits(hidden[sample_rows]).cpu(), sampling
