@@ -301,6 +301,13 @@ def _stream_error(output: RequestOutput) -> dict:
     return APIError(500, f"the request failed inside the engine: {output.error}", "server_error").body()
 
 
+def _changed(output: RequestOutput):
+    """The choices with news in this output, each with the index of its first new token."""
+    for o in output.outputs:
+        if o.text_delta or o.token_ids_delta or o.finished:
+            yield o, len(o.token_ids) - len(o.token_ids_delta)
+
+
 def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_usage: bool):
     """Builds one streamed event; with include_usage every chunk has `usage` (null until the last)."""
     def chunk(choices: list[dict], usage: dict | None = None) -> dict:
@@ -323,14 +330,9 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
             if output.error is not None:
                 yield _stream_error(output)
                 return
-            choices = []
-            for o in output.outputs:
-                if not o.text_delta and not o.token_ids_delta and not o.finished:
-                    continue
-                start = len(o.token_ids) - len(o.token_ids_delta)
-                choices.append({"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
-                                "logprobs": _chat_logprobs(o, tokenizer, start) if body.logprobs else None,
-                                "finish_reason": o.finish_reason})
+            choices = [{"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
+                        "logprobs": _chat_logprobs(o, tokenizer, start) if body.logprobs else None,
+                        "finish_reason": o.finish_reason} for o, start in _changed(output)]
             if choices:
                 yield chunk(choices)
     if body.include_usage:
@@ -349,11 +351,8 @@ async def _completion_chunks(streams, trackers, request_id, created, model, body
                 yield _stream_error(output)
                 return
             choices = []
-            for o in output.outputs:
-                if not o.text_delta and not o.token_ids_delta and not o.finished:
-                    continue
+            for o, start in _changed(output):
                 index = p * body.n + o.index
-                start = len(o.token_ids) - len(o.token_ids_delta)
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = _completion_logprobs(o, tokenizer, start, offsets.get(index, 0))
