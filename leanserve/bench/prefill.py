@@ -88,7 +88,8 @@ def run_prefill(args: argparse.Namespace) -> int:
         "LeanServe one at a time", lambda: [llm.generate([p], first_token, use_tqdm=False) for p in prompts],
         tokens, flop_per_token, machine)
     if args.transformers:
-        model = _transformers_model(args.model)
+        from leanserve.bench.reference import load_transformers
+        model = load_transformers(args.model)[1]
         pad = cfg.vocab_size - 1
 
         def padded():
@@ -113,17 +114,6 @@ def run_prefill(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
-
-
-def _transformers_model(model: str):
-    import transformers
-
-    from leanserve.engine.loader import resolve_model_path
-
-    path = resolve_model_path(model)
-    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    directory = str(path.parent if path.suffix == ".gguf" else path)
-    return transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
 
 
 def run_chunked(args: argparse.Namespace) -> int:

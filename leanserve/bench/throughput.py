@@ -36,16 +36,11 @@ def _leanserve(args, requests) -> dict:
             "batch_output_tokens_per_s": generated / elapsed}
 
 
-def _transformers(args, requests) -> dict:
-    import transformers
+def transformers_figures(args, requests) -> dict:
+    """transformers float32 on the same GGUF: single-request decode, the requests one at a time and padded."""
+    from leanserve.bench.reference import load_transformers
 
-    from leanserve.engine.loader import resolve_model_path
-
-    path = resolve_model_path(args.model)
-    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
-    directory = str(path.parent if path.suffix == ".gguf" else path)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, **kwargs)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **kwargs).eval()
+    tokenizer, model = load_transformers(args.model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def encode(messages):
@@ -101,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     results = {"workload": args.workload, "num_prompts": len(requests), "threads": torch.get_num_threads(),
                "leanserve": _leanserve(args, requests)}
     if args.transformers:
-        results["transformers"] = _transformers(args, requests)
+        results["transformers"] = transformers_figures(args, requests)
     print(json.dumps(results, indent=2))
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,184 @@
+"""`leanserve bench scoreboard`: LeanServe against llama.cpp's llama-server, vLLM (CPU build) and
+transformers, one engine at a time on this machine, on the same workload; writes docs/benchmarks.md.
+
+Workloads, each through `leanserve bench serve`'s load generator (streamed chat, greedy, ignore_eos):
+  1. the first 64 requests of the workload, all at once;
+  2. Poisson arrivals at 80% of llama-server's request capacity measured in (1);
+  3. one request at a time (the first `--single-requests`).
+transformers runs offline on workload (3)'s prompts, one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from leanserve.bench.serve import plot, run_load, summarize
+from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
+
+PEERS = Path("../shared/peers")
+
+
+def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{base} did not become healthy in {timeout:.0f} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def engine_commands(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
+    """name -> (shell command that serves the default model on its port, seconds it may take to start)."""
+    from leanserve.engine.loader import resolve_model_path
+
+    gguf = resolve_model_path("smollm2")
+    commands = {}
+    if "llama-server" in args.engines:
+        binary = subprocess.run([str(PEERS / "build-llama-server")], check=True, capture_output=True,
+                                text=True).stdout.strip().splitlines()[-1]
+        commands["llama-server"] = (
+            f"{binary} -m {gguf} --host 127.0.0.1 --port {args.port} -t {os.cpu_count()} "
+            f"-np {args.llama_slots} -c {args.llama_slots * 4096} --cont-batching --alias smollm2", 120)
+    if "vllm" in args.engines:
+        start = subprocess.run([str(PEERS / "setup-vllm-cpu"), str(args.port)], check=True, capture_output=True,
+                               text=True).stdout.strip().splitlines()[-1]
+        commands["vllm"] = (start, 600)
+    if "leanserve" in args.engines:
+        commands["leanserve"] = (f"{shlex.quote(sys.executable)} -m leanserve.cli serve smollm2 "
+                                 f"--port {args.port} {args.leanserve_args}", 180)
+    return commands
+
+
+def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: list[str], rate: float | None,
+                  plots: Path) -> dict:
+    requests = load_workload(args.workload)
+    specs = {"all_at_once": (requests[:64], float("inf"), None),
+             "poisson": (requests[:args.poisson_requests], rate, None),
+             "one_at_a_time": (requests[:args.single_requests], float("inf"), 1)}
+    results = {}
+    for workload in workloads:
+        chosen, workload_rate, concurrency = specs[workload]
+        outcomes, duration = asyncio.run(run_load(
+            base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
+            seed=args.seed, api_key=None))
+        results[workload] = summarize(outcomes, duration, {})
+        path = plots / f"{name}-{workload}.png"
+        plot(outcomes, str(path), f"{name}: {workload}")
+        results[workload]["plot"] = str(path)
+        print(f"{name} {workload}: {results[workload]['output_token_throughput']:.1f} output tok/s, "
+              f"TTFT p50 {results[workload]['ttft_ms']['p50']:.0f} ms", flush=True)
+    return results
+
+
+def transformers_one_at_a_time(args: argparse.Namespace) -> dict:
+    from leanserve.bench.throughput import transformers_figures
+    options = argparse.Namespace(model="smollm2", decode_tokens=64, hf_requests=args.single_requests)
+    return transformers_figures(options, load_workload(args.workload, args.single_requests))
+
+
+def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path: Path) -> None:
+    def cell(summary: dict | None, key: str, stat: str | None = None) -> str:
+        if summary is None:
+            return "—"
+        value = summary[key] if stat is None else summary[key][stat]
+        return "—" if value is None else f"{value:.1f}"
+
+    lines = ["# Benchmarks: LeanServe and its peers, side by side", "",
+             f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on one machine, one engine at a time: "
+             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+             f"Workload: `{args.workload}` (streamed chat, greedy, `ignore_eos`: every engine produces exactly "
+             "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
+             "the same weights dequantized to safetensors for vLLM).", ""]
+    for workload, title in [("all_at_once", "(1) first 64 requests, all at once"),
+                            ("poisson", "(2) Poisson arrivals at 80% of llama-server's capacity"),
+                            ("one_at_a_time", "(3) one request at a time")]:
+        lines += [f"## {title}", "", "| engine | output tok/s | req/s | TTFT p50 ms | TTFT p99 ms | TPOT p50 ms "
+                  "| TPOT p99 ms | E2E p50 ms | failed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for engine, by_workload in results.items():
+            s = by_workload.get(workload)
+            if s is not None and engine == "transformers":
+                lines.append(f"| transformers (offline, float32) | {s['one_at_a_time_output_tokens_per_s']:.1f} "
+                             "| — | — | — | — | — | — | 0 |")
+                continue
+            if s is None:
+                continue
+            lines.append(f"| {engine} | {cell(s, 'output_token_throughput')} | {s['request_throughput']:.3f} | "
+                         f"{cell(s, 'ttft_ms', 'p50')} | {cell(s, 'ttft_ms', 'p99')} | {cell(s, 'tpot_ms', 'p50')} | "
+                         f"{cell(s, 'tpot_ms', 'p99')} | {cell(s, 'e2el_ms', 'p50')} | {s['failed']} |")
+        lines += [""] + [f"![{e} {workload}](plots/{Path(r[workload]['plot']).name})"
+                         for e, r in results.items() if "plot" in r.get(workload, {})]
+        lines.append("")
+    lines += ["## Commands", "", "```sh", f"leanserve bench scoreboard {' '.join(sys.argv[3:])}"]
+    lines += [f"# {name}: {command}" for name, (command, _) in commands.items()]
+    lines += ["```", ""]
+    path.write_text("\n".join(lines))
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    plots = out.parent / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    commands = engine_commands(args)
+    results: dict = {}
+    rate = None
+    for name in [e for e in ("llama-server", "vllm", "leanserve") if e in commands]:
+        command, startup = commands[name]
+        print(f"starting {name}: {command}", flush=True)
+        process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=subprocess.DEVNULL,
+                                   stderr=open(plots / f"{name}.log", "w"))
+        try:
+            base = f"http://127.0.0.1:{args.port}"
+            wait_healthy(base, process, startup)
+            if name == "llama-server":         # its capacity sets the Poisson rate for everyone
+                results[name] = run_workloads(base, args, name, ["all_at_once"], None, plots)
+                rate = 0.8 * results[name]["all_at_once"]["request_throughput"]
+                results[name].update(run_workloads(base, args, name, ["poisson", "one_at_a_time"], rate, plots))
+            else:
+                workloads = ["all_at_once", "poisson", "one_at_a_time"] if rate else ["all_at_once", "one_at_a_time"]
+                results[name] = run_workloads(base, args, name, workloads, rate, plots)
+        finally:
+            stop(process)
+    if "transformers" in args.engines:
+        results["transformers"] = {"one_at_a_time": transformers_one_at_a_time(args)}
+    (out.parent / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
+    write_markdown(results, commands, args, out)
+    print(f"wrote {out}")
+    return 0
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engines", nargs="+", default=["llama-server", "vllm", "leanserve", "transformers"],
+                        choices=["llama-server", "vllm", "leanserve", "transformers"])
+    parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
+    parser.add_argument("--port", type=int, default=8092)
+    parser.add_argument("--llama-slots", type=int, default=8, help="llama-server parallel slots")
+    parser.add_argument("--leanserve-args", default="", help="extra options for leanserve serve")
+    parser.add_argument("--poisson-requests", type=int, default=64)
+    parser.add_argument("--single-requests", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="docs/benchmarks.md")
