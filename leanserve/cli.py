@@ -10,7 +10,7 @@ import time
 def _generate(args: argparse.Namespace) -> int:
     from leanserve import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, seed=args.seed)
+    llm = LLM(args.model, dtype=args.dtype, seed=args.seed, quantization=args.quantization)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     prompts = args.prompt or ["Write a haiku about a small, fast inference engine.",
@@ -29,6 +29,16 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    from leanserve.engine.quantize import save_quantized
+
+    start = time.perf_counter()
+    formats = save_quantized(args.model, args.out, args.quantization, group_size=args.group_size)
+    counts = {fmt: list(formats.values()).count(fmt) for fmt in sorted(set(formats.values()))}
+    print(f"wrote {args.out} ({args.quantization}: {counts} modules) in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanserve", description="LLM inference serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("prompt", nargs="*", help="prompts (a few demo prompts if none)")
     gen.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a HuggingFace directory")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--quantization", choices=["int8", "int4", "llm_int8", "float"],
+                     help="weight format (default: the checkpoint's)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -43,14 +55,25 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--raw", action="store_true", help="send prompts as they are, without the chat template")
     gen.set_defaults(func=_generate)
 
+    quant = commands.add_parser("quantize", help="write a quantized copy of a model (loads with LLM(OUT) or serve OUT)")
+    quant.add_argument("model", help="'smollm2', a .gguf file or a HuggingFace directory")
+    quant.add_argument("out", help="output directory (config.json, tokenizer files, model.safetensors)")
+    quant.add_argument("--quantization", required=True, choices=["int8", "int4", "llm_int8"],
+                       help="int8 or int4 weight-only, or LLM.int8() (W8A8 with float outliers)")
+    quant.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
+                       help="int4 group size along K (GGUF Q4_0/Q4_1 blocks stay group 32, as stored)")
+    quant.set_defaults(func=_quantize)
+
     from leanserve.server import serve
     srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")
     serve.add_arguments(srv)
     srv.set_defaults(func=serve.run)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from leanserve.bench import prefill, serve as bench_serve, throughput
+    from leanserve.bench import perplexity, prefill, scoreboard, serve as bench_serve, throughput
     for name, help_text, add_arguments, func in [
+        ("scoreboard", "LeanServe against llama-server, vLLM and transformers; writes docs/benchmarks.md",
+         scoreboard.add_arguments, scoreboard.run),
         ("serve", "load generator against an OpenAI-compatible server", bench_serve.add_arguments, bench_serve.run),
         ("throughput", "offline throughput on a chat workload, optionally against transformers",
          throughput.add_arguments, throughput.run),
@@ -58,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
          prefill.add_prefill_arguments, prefill.run_prefill),
         ("chunked-prefill", "decode latency while a long prompt arrives, chunked or not",
          prefill.add_chunked_arguments, prefill.run_chunked),
+        ("perplexity", "perplexity and decode-step time of each weight format (float, int8, int4, llm_int8)",
+         perplexity.add_arguments, perplexity.run),
     ]:
         sub = bench.add_parser(name, help=help_text)
         add_arguments(sub)
@@ -67,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)      # one line per benchmark request is noise
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -33,7 +33,8 @@ def conversations() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def llm():
-    return LLM("smollm2", dtype="float32", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+    # float32 weights (the Q4 file dequantized), as transformers loads them: the int4 default computes in bfloat16.
+    return LLM("smollm2", dtype="float32", quantization="float", kv_cache_tokens=16384, max_num_batched_tokens=2048)
 
 
 @pytest.fixture(scope="module")

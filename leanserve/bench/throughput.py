@@ -17,7 +17,8 @@ from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
 def _leanserve(args, requests) -> dict:
     from leanserve import LLM, SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens)
+    llm = LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
+              quantization=args.quantization)
     single = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
     question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
     llm.chat(question, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)   # warm-up
@@ -31,7 +32,8 @@ def _leanserve(args, requests) -> dict:
     elapsed = time.perf_counter() - start
     generated = sum(len(o.outputs[0].token_ids) for o in outputs)
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
-    return {"single_request_decode_tokens_per_s": decode_tps, "batch_seconds": elapsed,
+    return {"quantization": llm.engine.quantization, "single_request_decode_tokens_per_s": decode_tps,
+            "batch_seconds": elapsed,
             "batch_prompt_tokens": prompt_tokens, "batch_output_tokens": generated,
             "batch_output_tokens_per_s": generated / elapsed}
 
@@ -81,6 +83,7 @@ def transformers_figures(args, requests) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--quantization", help="weight format (default: the engine's choice for the model)")
     parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QUANTIZATION_CHOICES = ("int8", "int4", "llm_int8", "float")   # weight formats (leanserve.engine.quantize)
 
 
 @dataclass
@@ -23,6 +24,7 @@ class EngineConfig:
     seed: int = 0
     device: str = "cpu"                    # "cuda" runs the model and cache on the GPU
     attention_backend: str = "auto"        # "torch" (CPU), "triton" (GPU; interpreter on the CPU), "auto"
+    quantization: str | None = None       # "int8", "int4", "llm_int8", "float"; None: the checkpoint's choice
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -40,6 +42,9 @@ class EngineConfig:
             raise ValueError("device 'cuda' asked for, but torch sees no CUDA device")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton', got {self.attention_backend!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
+            raise ValueError(f"quantization must be None or one of {list(QUANTIZATION_CHOICES)}, "
+                             f"got {self.quantization!r}")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
 

@@ -1,6 +1,7 @@
 """The synchronous engine: add requests, call `step()` until none is left."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -10,6 +11,7 @@ from leanserve.engine.engine_config import EngineConfig
 from leanserve.engine.loader import load_checkpoint
 from leanserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from leanserve.engine.outputs import CompletionOutput, RequestOutput
+from leanserve.engine.quantize import quantize_model, resolve_quantization
 from leanserve.engine.sampler import Sampler
 from leanserve.engine.sampling_params import SamplingParams
 from leanserve.engine.tokenizer import IncrementalDetokenizer
@@ -51,9 +53,12 @@ class LLMEngine:
         self.tokenizer = checkpoint.tokenizer
         self.max_model_len = min(config.max_model_len or self.model_config.max_position_embeddings,
                                  self.model_config.max_position_embeddings)
+        self.quantization = resolve_quantization(config.quantization, checkpoint)
         num_blocks = self._num_kv_blocks()
         self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks,
-                                  config.block_size, config.device, config.attention_backend)
+                                  config.block_size, config.device, config.attention_backend,
+                                  quantize=functools.partial(quantize_model, mode=self.quantization,
+                                                             checkpoint=checkpoint, device=config.device))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
@@ -61,10 +66,11 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}
         kv_tokens = num_blocks * config.block_size
-        log.info("loaded %s (%s, %d layers, %s); KV cache %d tokens in %d blocks of %d",
+        log.info("loaded %s (%s, %d layers, %s, %s weights); KV cache %d tokens in %d blocks of %d",
                  checkpoint.path, self.model_config.architecture, self.model_config.num_hidden_layers,
-                 config.dtype, kv_tokens, num_blocks, config.block_size,
-                 extra={"model_path": str(checkpoint.path), "dtype": config.dtype, "max_model_len": self.max_model_len,
+                 config.dtype, self.quantization, kv_tokens, num_blocks, config.block_size,
+                 extra={"model_path": str(checkpoint.path), "dtype": config.dtype, "quantization": self.quantization,
+                        "max_model_len": self.max_model_len,
                         "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
                             kv_tokens * kv_bytes_per_token(self.model_config, config.torch_dtype) / 2**30, 2)})
 

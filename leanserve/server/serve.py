@@ -12,7 +12,7 @@ import time
 import uvicorn
 
 from leanserve.engine.async_llm import AsyncLLM
-from leanserve.engine.engine_config import DTYPES, EngineConfig
+from leanserve.engine.engine_config import DTYPES, QUANTIZATION_CHOICES, EngineConfig
 from leanserve.server.app import ServerConfig, create_app
 
 log = logging.getLogger("leanserve.server")
@@ -40,6 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("api-key", help="require 'Authorization: Bearer KEY' on the API (not on /health or /metrics)")
     option("served-model-name", help="the model name clients send (default: MODEL)")
     option("dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
+    option("quantization", choices=list(QUANTIZATION_CHOICES),
+           help="weight format: int8, int4, llm_int8 or float (default: the checkpoint's, int4 for a Q4 GGUF file)")
     option("max-num-seqs", int, 256, help="most sequences in one step")
     option("max-num-batched-tokens", int, 2048, help="most tokens in one step")
     option("max-model-len", int, help="context length (default: the model's)")
@@ -113,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     config = EngineConfig(model=args.model, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
-                          enable_prefix_caching=args.enable_prefix_caching, seed=args.seed)
+                          enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                          quantization=args.quantization)
     llm = AsyncLLM(config)
     llm.start()
     name = args.served_model_name or args.model

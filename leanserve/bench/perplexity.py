@@ -1,0 +1,190 @@
+"""Perplexity, closeness to float and decode-step time of each weight format, on one model.
+
+The text is the first `--num-prompts` requests of a chat workload, each rendered with the
+model's chat template (no generation prompt) and run as one sequence: full-sequence logits
+from the model's forward (one prefill segment), mean next-token NLL over all of them,
+perplexity = exp(mean NLL). Against the float model, per predicted token: mean KL(float || mode)
+and how often both put the same token first. The decode step is the model's forward and
+logits for `batch` sequences of one new token each, over a `--context`-token cache.
+
+Modes: float (the checkpoint's weights in float32: a GGUF file's dequantized), int8, int4,
+llm_int8 (what `LLM(..., quantization=mode)` runs) and int4-bf16-scales: the int4 weights with
+the bfloat16-rounded scales and zeros of the CPU fast path, multiplied in float32 with float32
+activations (and a float32 LM head), which separates the cost of rounding the scales from
+that of bfloat16 activations.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
+from leanserve.engine.loader import Checkpoint, load_checkpoint
+from leanserve.engine.model_runner import ModelRunner
+from leanserve.engine.quantize import quantize_model, resolve_quantization
+from leanserve.kernels.attention import AttentionMetadata, forward_context
+from leanserve.kernels.quant import KERNEL_DTYPE, Int4Linear, QuantLinear, unpack_int4
+
+MODES = ("float", "int8", "int4", "int4-bf16-scales", "llm_int8")
+BLOCK_SIZE = 16
+
+
+class FloatLinear(nn.Module):
+    """y = x @ weight^T in float32, for emulating a quantized module's fast-path weights."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight).to(x.dtype)
+
+
+def bf16_scales_weight(module: Int4Linear) -> torch.Tensor:
+    """The float32 weight the int4 CPU kernel multiplies by: (q - 8) * bf16(scale) + bf16(zero)."""
+    scales_zeros = module.kernel_scales_and_zeros(KERNEL_DTYPE).float()          # [K // G, N, 2]
+    scale, zero = (scales_zeros[..., i].t().repeat_interleave(module.group_size, dim=1) for i in (0, 1))
+    return (unpack_int4(module.qweight).float() - 8) * scale + zero
+
+
+def emulate_bf16_scales(model: nn.Module) -> None:
+    """Every Int4Linear -> float32 matmul with its fast-path weight; other quantized modules -> exact float32."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            weight = bf16_scales_weight(module) if isinstance(module, Int4Linear) else module.dequantize()
+            parent, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, leaf, FloatLinear(weight))
+
+
+def build_runner(checkpoint: Checkpoint, mode: str, num_blocks: int, dtype: torch.dtype = torch.float32
+                 ) -> ModelRunner:
+    quantization = "int4" if mode == "int4-bf16-scales" else resolve_quantization(mode, checkpoint)
+    runner = ModelRunner(checkpoint.config, checkpoint.weights, dtype, num_blocks, BLOCK_SIZE,
+                         quantize=functools.partial(quantize_model, mode=quantization, checkpoint=checkpoint))
+    if mode == "int4-bf16-scales":
+        emulate_bf16_scales(runner.model)
+    return runner
+
+
+def _metadata(runner: ModelRunner, query_lens: list[int], context_lens: list[int]) -> AttentionMetadata:
+    """Sequences side by side in the cache, each with blocks for its whole context."""
+    tables, slots, start = [], [], 0
+    for q_len, ctx in zip(query_lens, context_lens):
+        blocks = -(-ctx // BLOCK_SIZE)
+        tables.append(list(range(start, start + blocks)))
+        start += blocks
+        slots += [tables[-1][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(ctx - q_len, ctx)]
+    query_starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
+    md = AttentionMetadata(slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=query_lens,
+                           context_lens=context_lens, block_tables=tables, block_size=BLOCK_SIZE)
+    runner.backend.prepare(md)
+    return md
+
+
+@torch.inference_mode()
+def sequence_log_probs(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities [len(ids) - 1, vocab] of one sequence, run as one prefill segment."""
+    md = _metadata(runner, [len(ids)], [len(ids)])
+    with forward_context(md):
+        hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)))
+    return torch.log_softmax(runner.model.compute_logits(hidden[:-1]), dim=-1)
+
+
+@torch.inference_mode()
+def decode_step_ms(runner: ModelRunner, batch: int, context: int, repeats: int = 10) -> float:
+    """Median time of one decode step (forward of `batch` new tokens, logits) over `context` cached tokens."""
+    md = _metadata(runner, [1] * batch, [context + 1] * batch)
+    tokens = torch.randint(runner.config.vocab_size, (batch,))
+    positions = torch.full((batch,), context)
+
+    def step() -> None:
+        with forward_context(md):
+            runner.model.compute_logits(runner.model(tokens, positions))
+
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def prompt_token_ids(checkpoint: Checkpoint, workload: str, num_prompts: int) -> list[list[int]]:
+    tokenizer = checkpoint.tokenizer
+    return [tokenizer.encode(tokenizer.apply_chat_template(r.messages, add_generation_prompt=False),
+                             add_special_tokens=False) for r in load_workload(workload, num_prompts)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="smollm2", help="'smollm2', a .gguf file or a HuggingFace directory")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {', '.join(MODES)}")
+    parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
+    parser.add_argument("--num-prompts", type=int, default=64, help="prompts of the workload the text is made of")
+    parser.add_argument("--step-batches", default="1,8,32", help="decode batch sizes to time ('' for none)")
+    parser.add_argument("--context", type=int, default=256, help="cached tokens of each sequence in a decode step")
+    parser.add_argument("--repeats", type=int, default=10, help="timed decode steps per batch size")
+    parser.add_argument("--no-perplexity", action="store_true", help="time decode steps only")
+    parser.add_argument("--output", help="write the results as JSON here")
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown modes {unknown}; choose from {list(MODES)}")
+    modes.sort(key=lambda m: m != "float")        # the reference first
+    batches = [int(b) for b in args.step_batches.split(",") if b]
+    checkpoint = load_checkpoint(args.model)
+    prompts = [] if args.no_perplexity else prompt_token_ids(checkpoint, args.workload, args.num_prompts)
+    num_tokens = sum(len(p) - 1 for p in prompts)
+    longest = max([len(p) for p in prompts], default=0)
+    num_blocks = max(-(-longest // BLOCK_SIZE), max(batches, default=0) * -(-(args.context + 1) // BLOCK_SIZE), 1)
+    print(f"{args.model}: {len(prompts)} prompts, {num_tokens} predicted tokens; decode steps over "
+          f"{args.context} cached tokens; {torch.get_num_threads()} threads", flush=True)
+    runners = {mode: build_runner(checkpoint, mode, num_blocks) for mode in modes}
+    rows = {mode: {"mode": mode, "nll": 0.0, "kl": 0.0, "agree": 0} for mode in modes}
+    for ids in prompts:
+        targets = torch.tensor(ids[1:])[:, None]
+        reference = None
+        for mode, runner in runners.items():
+            log_probs = sequence_log_probs(runner, ids)
+            row = rows[mode]
+            row["nll"] -= float(log_probs.gather(1, targets).sum())
+            if mode == "float":
+                reference = log_probs
+            elif reference is not None:   # KL(float || mode) and agreement of the most likely token
+                row["kl"] += float((reference.exp() * (reference - log_probs)).sum())
+                row["agree"] += int((reference.argmax(-1) == log_probs.argmax(-1)).sum())
+    results = []
+    for mode, runner in runners.items():
+        row = {"mode": mode}
+        if prompts:
+            row["perplexity"] = math.exp(rows[mode]["nll"] / num_tokens)
+            if "float" in runners and mode != "float":
+                row["kl_vs_float"] = rows[mode]["kl"] / num_tokens
+                row["top1_agreement"] = rows[mode]["agree"] / num_tokens
+        row["step_ms"] = {b: decode_step_ms(runner, b, args.context, args.repeats) for b in batches}
+        results.append(row)
+    base = results[0].get("perplexity") if results[0]["mode"] == "float" else None
+    print(f"{'mode':<18}{'perplexity':>11}{'vs float':>10}{'KL nats':>10}{'top-1':>8}"
+          + "".join(f"{f'B={b} ms':>10}" for b in batches))
+    for row in results:
+        ppl = row.get("perplexity", math.nan)
+        change = (ppl / base - 1) * 100 if base else math.nan
+        print(f"{row['mode']:<18}{ppl:>11.4f}{change:>+9.3f}%{row.get('kl_vs_float', math.nan):>10.5f}"
+              f"{row.get('top1_agreement', math.nan) * 100:>7.2f}%"
+              + "".join(f"{row['step_ms'][b]:>10.2f}" for b in batches))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"model": args.model, "num_prompts": len(prompts), "predicted_tokens": num_tokens,
+                       "context": args.context, "threads": torch.get_num_threads(), "results": results}, f, indent=2)
+    return 0
