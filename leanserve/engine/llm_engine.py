@@ -1,6 +1,7 @@
 """The synchronous engine: add requests, call `step()` until none is left."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -99,7 +100,7 @@ class LLMEngine:
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
-                child_params = SamplingParams(**{**_init_fields(params), "seed": params.seed + i})
+                child_params = dataclasses.replace(params, seed=params.seed + i)   # n distinct, reproducible
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
                             priority=priority)
@@ -217,7 +218,3 @@ class LLMEngine:
             for child in group.children:
                 del self._group_of[child.request_id]
         return report
-
-
-def _init_fields(params: SamplingParams) -> dict:
-    return {k: v for k, v in vars(params).items() if k != "stop_strings"}
