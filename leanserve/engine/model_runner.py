@@ -51,11 +51,12 @@ class ModelRunner:
             layer.self_attn.v_cache = self.v_cache[i]
 
     def prepare(self, batch: ScheduledBatch):
-        """Flat inputs for the batch: token ids, positions, attention metadata, rows whose logits are sampled."""
+        """Flat inputs for the batch: token ids, positions, attention metadata, the rows whose logits are
+        sampled and their requests."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_starts, context_lens, sample_rows = [], [], []
+        query_starts, context_lens, sample_rows, sampling = [], [], [], []
         bs = self.block_size
         for request, n in zip(batch.requests, batch.num_tokens):
             start = request.num_computed_tokens
@@ -66,21 +67,21 @@ class ModelRunner:
             table = request.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             context_lens.append(end)
-            if end == request.num_tokens:
+            if end == request.num_tokens:           # its last token is computed now: it samples
                 sample_rows.append(len(input_ids) - 1)
+                sampling.append(request)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), query_starts=query_starts, query_lens=list(batch.num_tokens),
             context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
         self.backend.prepare(metadata)
         device = self.device
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), metadata,
-                torch.tensor(sample_rows, dtype=torch.long, device=device))
+                torch.tensor(sample_rows, dtype=torch.long, device=device), sampling)
 
     @torch.inference_mode()
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; return float32 logits of the requests that sample now, and those requests."""
-        input_ids, positions, metadata, sample_rows = self.prepare(batch)
+        input_ids, positions, metadata, sample_rows, sampling = self.prepare(batch)
         with forward_context(metadata):
             hidden = self.model(input_ids, positions)
-        sampling = [r for r, n in zip(batch.requests, batch.num_tokens) if r.num_computed_tokens + n == r.num_tokens]
         return self.model.compute_logits(hidden[sample_rows]).cpu(), sampling

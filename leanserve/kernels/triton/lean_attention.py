@@ -121,6 +121,33 @@ def dot_precision(dtype: tl.dtype) -> str:
 
 
 @triton.jit
+def online_softmax_step(qk, v, m_i, l_i, acc, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
+    """Fold one tile of scores qk [R, N] and values v [N, D] into the running max, sum and output."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def paged_kv_tile(K, V, BlockTables, seq, stride_bt, kv_head, pos, valid, offs_d, mask_d,
+                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                  PAGE: tl.constexpr, DTYPE: tl.constexpr):
+    """Keys and values [N, D] of a sequence's token positions `pos`, read through its block table
+    (int64 offsets: large caches); rows where `valid` is false are zeros."""
+    block = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    in_block = pos % PAGE
+    kv_mask = valid[:, None] & mask_d[None, :]
+    k = tl.load(K + block[:, None] * stride_kb + in_block[:, None] * stride_ks + kv_head * stride_kh
+                + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+    v = tl.load(V + block[:, None] * stride_vb + in_block[:, None] * stride_vs + kv_head * stride_vh
+                + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+    return k, v
+
+
+@triton.jit
 def _lean_decode_kernel(
     Q, K, V, BlockTables, Segments, WorkerPtr, PartialO, PartialLse, scale,
     stride_qb, stride_qh,
@@ -153,23 +180,12 @@ def _lean_decode_kernel(
         for n0 in range(start, end, BLOCK_N):
             pos = n0 + offs_n
             valid = pos < end
-            # Paged read: each token's physical slot through the block table (int64: large caches).
-            block = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=valid, other=0).to(tl.int64)
-            in_block = pos % PAGE
-            kv_mask = valid[:, None] & mask_d[None, :]
-            k = tl.load(K + block[:, None] * stride_kb + in_block[:, None] * stride_ks + kv_head * stride_kh
-                        + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+            k, v = paged_kv_tile(K, V, BlockTables, seq, stride_bt, kv_head, pos, valid, offs_d, mask_d,
+                                 stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, DTYPE)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale            # [G, N] fp32
             qk = tl.where(valid[None, :], qk, float("-inf"))
-            # Online softmax; a segment has at least one valid key, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + block[:, None] * stride_vb + in_block[:, None] * stride_vs + kv_head * stride_vh
-                        + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
-            acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
-            m_i = m_new
+            # A segment has at least one valid key, so the running max stays finite.
+            m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DTYPE, PRECISION)
         # Partials are contiguous fp32 [S, GROUP, HEAD_DIM] and [S, GROUP].
         out_mask = mask_g[:, None] & mask_d[None, :]
         tl.store(PartialO + (s * GROUP + offs_g[:, None]) * HEAD_DIM + offs_d[None, :],

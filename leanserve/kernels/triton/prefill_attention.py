@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from leanserve.kernels.triton.lean_attention import compute_dtype, dot_precision
+from leanserve.kernels.triton.lean_attention import (compute_dtype, dot_precision, online_softmax_step,
+                                                     paged_kv_tile)
 
 
 def plan_prefill_blocks(query_lens: list[int], block_m: int, device: torch.device | str = "cpu"
@@ -74,22 +75,12 @@ def _prefill_kernel(
     for n0 in range(0, key_end, BLOCK_N):
         pos = n0 + offs_n
         key_valid = pos < key_end
-        block = tl.load(BlockTables + seq * stride_bt + pos // PAGE, mask=key_valid, other=0).to(tl.int64)
-        in_block = pos % PAGE
-        kv_mask = key_valid[:, None] & mask_d[None, :]
-        k = tl.load(K + block[:, None] * stride_kb + in_block[:, None] * stride_ks + kv_head * stride_kh
-                    + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
+        k, v = paged_kv_tile(K, V, BlockTables, seq, stride_bt, kv_head, pos, key_valid, offs_d, mask_d,
+                             stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, DTYPE)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale                 # [M, N] fp32
         visible = key_valid[None, :] & (pos[None, :] <= q_pos[:, None])
         qk = tl.where(visible, qk, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(qk - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + block[:, None] * stride_vb + in_block[:, None] * stride_vs + kv_head * stride_vh
-                    + offs_d[None, :], mask=kv_mask, other=0.0).to(DTYPE)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DTYPE, PRECISION)
     out = acc / l_i[:, None]
     tl.store(Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_valid[:, None] & mask_d[None, :])
