@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=serve.run)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from leanserve.bench import perplexity, prefill, scoreboard, serve as bench_serve, throughput
+    from leanserve.bench import attention, perplexity, prefill, scoreboard, serve as bench_serve, throughput
     for name, help_text, add_arguments, func in [
         ("scoreboard", "LeanServe against llama-server, vLLM and transformers; writes docs/benchmarks.md",
          scoreboard.add_arguments, scoreboard.run),
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
          prefill.add_prefill_arguments, prefill.run_prefill),
         ("chunked-prefill", "decode latency while a long prompt arrives, chunked or not",
          prefill.add_chunked_arguments, prefill.run_chunked),
+        ("attention", "lean decode attention against padded and per-sequence SDPA on ragged contexts",
+         attention.add_arguments, attention.run),
         ("perplexity", "perplexity and decode-step time of each weight format (float, int8, int4, llm_int8)",
          perplexity.add_arguments, perplexity.run),
     ]:

@@ -97,6 +97,21 @@ def test_int8_round_trip_error_is_at_most_half_a_step() -> None:
         assert module.weight.abs().max() == 127       # absmax maps onto the largest code
 
 
+def test_int4_zeros_are_added_exactly() -> None:
+    """Groups far from zero: the zero term dominates. Rounded to bfloat16 with the activations (as
+    the kernel alone would) it biases whole groups; the module adds it in float32."""
+    w = weights() * 0.01 + 3.0
+    module = Int4Linear.from_float(w, group_size=32)
+    x = activations()
+    exact = x @ module.dequantize().t()
+    error = (module(x) - exact).abs().max()
+    g = module.group_size
+    scales = module.scales.bfloat16().float().repeat_interleave(g, dim=1)
+    zeros = module.zeros().bfloat16().float().repeat_interleave(g, dim=1)
+    rounded_zeros = x.bfloat16().float() @ ((unpack_int4(module.qweight).float() - 8) * scales + zeros).t()
+    assert error < 0.25 * (rounded_zeros - exact).abs().max()
+
+
 def test_int4_round_trip_error_is_at_most_half_a_step() -> None:
     w = weights()
     module = Int4Linear.from_float(w, group_size=64)
@@ -187,7 +202,7 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
     path = make_tiny_llama_gguf(tmp_path / f"tiny-{qtype.name}.gguf", tiny_hf_dir, qtype, tokenizer=False)
     checkpoint = _tiny_gguf_checkpoint(path)
     config = checkpoint.config
-    assert default_quantization(checkpoint) == "float"      # int4 is opt-in: see default_quantization
+    assert default_quantization(checkpoint) == ("float" if qtype == Q.Q8_0 else "int4")
     model = LlamaForCausalLM(config, backend=None)
     model.load_weights(checkpoint.weights)
     formats = quantize_model(model, "int4", checkpoint)
@@ -218,6 +233,22 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
         for module, blocks in parts.items():
             assert isinstance(module, Int4Linear) and module.group_size == 32
             assert np.array_equal(module.dequantize().numpy(), np.concatenate(blocks))
+
+
+def test_quantized_head_rescores_its_top_logits_exactly(tmp_path: Path, tiny_hf_dir: Path) -> None:
+    path = make_tiny_llama_gguf(tmp_path / "tiny-q8_0.gguf", tiny_hf_dir, Q.Q8_0, tokenizer=False)
+    checkpoint = _tiny_gguf_checkpoint(path)
+    model = LlamaForCausalLM(checkpoint.config, backend=None)
+    model.load_weights(checkpoint.weights)
+    quantize_model(model, "int4", checkpoint)
+    hidden = torch.randn(3, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
+    logits = model.compute_logits(hidden)
+    exact = model.norm(hidden) @ model.lm_head.dequantize().t()          # float32, the head's exact weight
+    top = exact.topk(8, dim=-1)
+    torch.testing.assert_close(logits.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
+    assert torch.equal(logits.argmax(-1), exact.argmax(-1))
+    rounded = model.lm_head(model.norm(hidden)).float()                  # what the kernel alone returns
+    assert (rounded.gather(1, top.indices) - top.values).abs().max() > 1e-4
 
 
 def test_block_rows_are_unpermuted_like_the_float_tensor(tmp_path: Path, tiny_hf_dir: Path) -> None:

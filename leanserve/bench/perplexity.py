@@ -49,10 +49,10 @@ class FloatLinear(nn.Module):
 
 
 def bf16_scales_weight(module: Int4Linear) -> torch.Tensor:
-    """The float32 weight the int4 CPU kernel multiplies by: (q - 8) * bf16(scale) + bf16(zero)."""
-    scales_zeros = module.kernel_scales_and_zeros(KERNEL_DTYPE).float()          # [K // G, N, 2]
-    scale, zero = (scales_zeros[..., i].t().repeat_interleave(module.group_size, dim=1) for i in (0, 1))
-    return (unpack_int4(module.qweight).float() - 8) * scale + zero
+    """The float32 weight the int4 CPU path multiplies by: (q - 8) * bf16(scale) + zero."""
+    g = module.group_size
+    scale = module.scales.to(KERNEL_DTYPE).float().repeat_interleave(g, dim=1)
+    return (unpack_int4(module.qweight).float() - 8) * scale + module.zeros().repeat_interleave(g, dim=1)
 
 
 def emulate_bf16_scales(model: nn.Module) -> None:

@@ -129,6 +129,8 @@ class TorchAttentionBackend:
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
         k_flat.index_copy_(0, md.slot_mapping, k)
         v_flat.index_copy_(0, md.slot_mapping, v)
+        if not md.prefill:                       # decode only: the rows are the decode sequences in order
+            return self._decode(q, k_cache, v_cache, md.decode)
         out = torch.empty_like(q)
         for start, q_len, ctx_len, cached in md.prefill:
             rows = slice(start, start + q_len)
@@ -157,10 +159,14 @@ class TorchAttentionBackend:
         shape = (num_tiles, blocks_per_tile * k_cache.shape[1], num_kv_heads, head_dim)
         keys = torch.index_select(k_cache.view(k_cache.shape[0], -1), 0, ids, out=buffers[0]).view(shape)
         values = torch.index_select(v_cache.view(v_cache.shape[0], -1), 0, ids, out=buffers[1]).view(shape)
-        queries = q.view(batch, num_kv_heads, group, head_dim)[tiles.tile_seq]           # [N, Hkv, G, D]
+        queries = q.view(batch, num_kv_heads, group, head_dim)                          # [B, Hkv, G, D]
+        if num_tiles > batch:
+            queries = queries[tiles.tile_seq]                                              # [N, Hkv, G, D]
         tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             queries, keys.transpose(1, 2), values.transpose(1, 2), 0.0, False,
             attn_mask=tiles.tile_mask.to(q.dtype), scale=1.0 / math.sqrt(head_dim))[:2]
+        if num_tiles == batch:                   # one tile a sequence: nothing to merge
+            return tile_out.view(q.shape)
         return merge_by_lse(tile_out.float(), tile_lse, tiles.tile_seq, batch).view(q.shape).to(q.dtype)
 
 

@@ -14,6 +14,9 @@ from torch import nn
 
 from leanserve.engine.config import ModelConfig
 from leanserve.kernels.attention import get_forward_context
+from leanserve.kernels.quant import QuantLinear
+
+RESCORED_CANDIDATES = 32
 
 
 class RMSNorm(nn.Module):
@@ -23,10 +26,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalize in float32 whatever the model dtype, as HuggingFace's LlamaRMSNorm does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -55,18 +58,20 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         positions = torch.arange(config.max_position_embeddings, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inverse_frequencies(config))
-        self.register_buffer("cos", freqs.cos(), persistent=False)   # [max_pos, D/2]
-        self.register_buffer("sin", freqs.sin(), persistent=False)
+        # Full width, HF's rotate-half layout: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1),
+        # which is roll(x, D/2) * (-sin, sin).
+        self.register_buffer("cos", torch.cat([freqs.cos()] * 2, dim=-1), persistent=False)   # [max_pos, D]
+        self.register_buffer("sin", torch.cat([-freqs.sin(), freqs.sin()], dim=-1), persistent=False)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, D/2] of the batch's positions, gathered once per step for all layers."""
+        """cos and signed sin [T, 1, D] of the batch's positions, gathered once per step for all layers."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of x [T, heads, D] in HF's rotate-half layout."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+    """Rotary embedding of x [T, heads, D] (in float32, whatever x's dtype)."""
+    x32 = x.float()
+    return torch.addcmul(x32 * cos, x32.roll(x.shape[-1] // 2, -1), sin).to(x.dtype)
 
 
 class LlamaAttention(nn.Module):
@@ -83,11 +88,11 @@ class LlamaAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)   # set by the model runner
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotate(q, *rope), rotate(k, *rope)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Queries and keys rotate together, as one [T, heads + kv heads, D] tensor.
+        qk = rotate(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_forward_context())
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -136,7 +141,15 @@ class LlamaForCausalLM(nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden)).float()
+        x = self.norm(hidden)
+        logits = self.lm_head(x).float()
+        if isinstance(self.lm_head, QuantLinear):
+            # A quantized head's CPU kernel rounds logits to bfloat16 (about 3 digits), which ties or swaps
+            # near-equal candidates: the top ones are rescored in float32 with their exact weight rows.
+            top = logits.topk(min(RESCORED_CANDIDATES, logits.shape[-1]), dim=-1).indices        # [B, k]
+            rows = self.lm_head.dequantize(top.flatten()).view(*top.shape, -1)                  # [B, k, H]
+            logits.scatter_(-1, top, torch.einsum("bh,bkh->bk", x.float(), rows))
+        return logits
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HuggingFace-named weights in, fusing q/k/v and gate/up; tie the head if the file has none."""
