@@ -34,3 +34,20 @@ def test_summary_latencies_and_goodput():
     assert summary["errors"] == ["HTTP 500"]
     with pytest.raises(ValueError):
         parse_goodput(["latency:5"])
+
+
+def test_scoreboard_verdict_compares_with_the_best_peer() -> None:
+    from leanserve.bench.scoreboard import verdict
+
+    def summary(tok_s: float, ttft_p50: float, ttft_p99: float, tpot_p99: float) -> dict:
+        return {"completed": 64, "output_token_throughput": tok_s, "ttft_ms": {"p50": ttft_p50, "p99": ttft_p99},
+                "tpot_ms": {"p50": 1.0, "p99": tpot_p99}}
+
+    results = {"llama-server": {"all_at_once": summary(37, 40000, 90000, 300)},
+               "vllm": {"all_at_once": summary(75, 24000, 60000, 500)},
+               "leanserve": {"all_at_once": summary(150, 6000, 16000, 600)},
+               "transformers": {"one_at_a_time": {}}}
+    text = verdict(results, "all_at_once")[0]
+    assert "(vllm): 2.00x the output tokens/s, TTFT p50 0.25x" in text
+    assert "TTFT p99: LeanServe 16000 ms, lowest peer 60000 ms" in text and "TPOT p99: LeanServe 600 ms, lowest peer 300 ms" in text
+    assert verdict(results, "poisson") == []

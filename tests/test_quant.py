@@ -78,9 +78,14 @@ def test_weight_only_forward_matches_float_reference(make) -> None:
     # and output separate the two.
     reference = x @ module.dequantize().t()
     assert (y - reference).abs().max() <= 1e-2 * reference.abs().max()
-    # Against the fast path's own weights and bfloat16-rounded activations: output rounding only.
+    # Against the fast path's own weights and bfloat16-rounded activations: output rounding only, of
+    # the bfloat16 product (for int4 that leaves out the zero term, added in float32).
     fast = x.bfloat16().float() @ fast_path_weight(module).t()
-    torch.testing.assert_close(y, fast, rtol=2 ** -7, atol=1e-3 * fast.abs().max().item())
+    rounded = fast if not isinstance(module, Int4Linear) else x.bfloat16().float() @ module.unshifted_weight().t()
+    atol = 2 ** -8 * rounded.abs().max().item()
+    torch.testing.assert_close(y, fast, rtol=2 ** -7, atol=atol)
+    # Many rows (prefill) take a dense bfloat16 path for int4: the same products up to output rounding.
+    torch.testing.assert_close(module(activations(m=20))[:7], fast, rtol=2 ** -7, atol=atol)
     # Any leading shape, and bfloat16 activations in and out.
     assert torch.equal(module(x.view(7, 1, 256)).view(7, 96), y)
     assert module(x.bfloat16()).dtype == torch.bfloat16

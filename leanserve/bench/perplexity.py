@@ -31,7 +31,7 @@ from leanserve.engine.loader import Checkpoint, load_checkpoint
 from leanserve.engine.model_runner import ModelRunner
 from leanserve.engine.quantize import quantize_model, resolve_quantization
 from leanserve.kernels.attention import AttentionMetadata, forward_context
-from leanserve.kernels.quant import KERNEL_DTYPE, Int4Linear, QuantLinear, unpack_int4
+from leanserve.kernels.quant import Int4Linear, QuantLinear
 
 MODES = ("float", "int8", "int4", "int4-bf16-scales", "llm_int8")
 BLOCK_SIZE = 16
@@ -50,9 +50,7 @@ class FloatLinear(nn.Module):
 
 def bf16_scales_weight(module: Int4Linear) -> torch.Tensor:
     """The float32 weight the int4 CPU path multiplies by: (q - 8) * bf16(scale) + zero."""
-    g = module.group_size
-    scale = module.scales.to(KERNEL_DTYPE).float().repeat_interleave(g, dim=1)
-    return (unpack_int4(module.qweight).float() - 8) * scale + module.zeros().repeat_interleave(g, dim=1)
+    return module.unshifted_weight() + module.zeros().repeat_interleave(module.group_size, dim=1)
 
 
 def emulate_bf16_scales(model: nn.Module) -> None:

@@ -101,6 +101,23 @@ def transformers_one_at_a_time(args: argparse.Namespace) -> dict:
     return transformers_figures(options, load_workload(args.workload, args.single_requests))
 
 
+def verdict(results: dict, workload: str) -> list[str]:
+    """LeanServe against the best peer on `workload`, as ratios (lines for the markdown)."""
+    ours = results.get("leanserve", {}).get(workload)
+    peers = {e: r[workload] for e, r in results.items()
+             if e not in ("leanserve", "transformers") and workload in r and r[workload].get("completed")}
+    if not ours or not peers:
+        return []
+    best = max(peers, key=lambda e: peers[e]["output_token_throughput"])
+    lines = [f"LeanServe against the peer with the most output tokens/s ({best}): "
+             f"{ours['output_token_throughput'] / peers[best]['output_token_throughput']:.2f}x the output tokens/s, "
+             f"TTFT p50 {ours['ttft_ms']['p50'] / peers[best]['ttft_ms']['p50']:.2f}x theirs."]
+    for stat in ("ttft_ms", "tpot_ms"):
+        lowest = min(p[stat]["p99"] for p in peers.values() if p[stat]["p99"] is not None)
+        lines.append(f"{stat[:4].upper()} p99: LeanServe {ours[stat]['p99']:.0f} ms, lowest peer {lowest:.0f} ms.")
+    return [" ".join(lines), ""]
+
+
 def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path: Path) -> None:
     def cell(summary: dict | None, key: str, stat: str | None = None) -> str:
         if summary is None:
@@ -130,9 +147,12 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
             lines.append(f"| {engine} | {cell(s, 'output_token_throughput')} | {s['request_throughput']:.3f} | "
                          f"{cell(s, 'ttft_ms', 'p50')} | {cell(s, 'ttft_ms', 'p99')} | {cell(s, 'tpot_ms', 'p50')} | "
                          f"{cell(s, 'tpot_ms', 'p99')} | {cell(s, 'e2el_ms', 'p50')} | {s['failed']} |")
-        lines += [""] + [f"![{e} {workload}](plots/{Path(r[workload]['plot']).name})"
+        lines += [""] + verdict(results, workload) + [f"![{e} {workload}](plots/{Path(r[workload]['plot']).name})"
                          for e, r in results.items() if "plot" in r.get(workload, {})]
         lines.append("")
+    failed = [f"- {engine}: {r['error']}" for engine, r in results.items() if "error" in r]
+    if failed:
+        lines += ["## Engines that failed", ""] + failed + [""]
     lines += ["## Commands", "", "```sh", f"leanserve bench scoreboard {' '.join(sys.argv[3:])}"]
     lines += [f"# {name}: {command}" for name, (command, _) in commands.items()]
     lines += ["```", ""]
@@ -161,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
             else:
                 workloads = ["all_at_once", "poisson", "one_at_a_time"] if rate else ["all_at_once", "one_at_a_time"]
                 results[name] = run_workloads(base, args, name, workloads, rate, plots)
+        except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
+            print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
+            results.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
         finally:
             stop(process)
     if "transformers" in args.engines:

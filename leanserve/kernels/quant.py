@@ -42,6 +42,7 @@ Q = gguf.GGMLQuantizationType
 KERNEL_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
 LLM_INT8_THRESHOLD = 6.0
+DENSE_ROWS = 8
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -209,10 +210,18 @@ class Int4Linear(QuantLinear):
             scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)      # [K // G, N, 2]
             self.register_buffer("kernel_scales_zeros", F.pad(scales_zeros, (0, 0, 0, pad)), persistent=False)
             self.register_buffer("kernel_zeros", self.zeros().t().contiguous(), persistent=False)  # [K // G, N]
+            # The same (q - 8) * scale as a dense bfloat16 matrix: torch's int4 kernel costs rows x weight
+            # like a matrix-vector product, bfloat16 GEMM outruns it past DENSE_ROWS rows (3.5x at 64).
+            self.register_buffer("kernel_dense", self.unshifted_weight().to(KERNEL_DTYPE), persistent=False)
 
     def zeros(self) -> torch.Tensor:
         """float32 zero [N, K // G] of the (q - 8) * scale + zero form."""
         return self.mins.float() + 8 * self.scales.float()
+
+    def unshifted_weight(self) -> torch.Tensor:
+        """(q - 8) * bfloat16(scale) in float32: the weight without its zero term, as the CPU kernel has it."""
+        scales = self.scales.to(KERNEL_DTYPE).float().repeat_interleave(self.group_size, dim=1)
+        return (unpack_int4(self.qweight).float() - 8) * scales
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Linear:
@@ -253,8 +262,12 @@ class Int4Linear(QuantLinear):
         return q * self.scales[rows].float().repeat_interleave(g, dim=1) + self.mins[rows].float().repeat_interleave(g, dim=1)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(_rows(x, self.in_features), self.kernel_weight,
-                                                       self.group_size, self.kernel_scales_zeros)
+        a = _rows(x, self.in_features)
+        if a.shape[0] > DENSE_ROWS:
+            y = F.linear(a, self.kernel_dense)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.kernel_weight, self.group_size,
+                                                           self.kernel_scales_zeros)
         group_sums = x.reshape(x.shape[0], -1, self.group_size).sum(-1, dtype=torch.float32)
         return torch.addmm(y[:, :self.out_features].float(), group_sums, self.kernel_zeros)
 
