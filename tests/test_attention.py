@@ -5,6 +5,13 @@ import pytest
 import torch
 
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
+from leanserve.kernels.cpu_kernels import native_lean_attention
+
+
+def backend_for(native: bool, tile: int) -> TorchAttentionBackend:
+    if native and native_lean_attention() is None:
+        pytest.skip("the native CPU kernel did not build here (no C++ compiler?)")
+    return TorchAttentionBackend(tile_size=tile, native=native)
 
 
 def reference(q, keys, values):
@@ -20,8 +27,9 @@ def reference(q, keys, values):
     return torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("block_size,num_kv,group,tile", [(16, 3, 3, 128), (4, 2, 1, 8), (8, 1, 8, 16)])
-def test_mixed_batch_matches_reference(block_size, num_kv, group, tile):
+def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, native):
     torch.manual_seed(0)
     d, num_blocks = 32, 200
     k_cache = torch.zeros(num_blocks, block_size, num_kv, d)
@@ -48,7 +56,7 @@ def test_mixed_batch_matches_reference(block_size, num_kv, group, tile):
         slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
     md = AttentionMetadata(torch.tensor(slots), starts, [n for _, n in shapes], [c + n for c, n in shapes],
                            tables, block_size)
-    backend = TorchAttentionBackend(tile_size=tile)
+    backend = backend_for(native, tile)
     backend.prepare(md)
     out = backend.forward(torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts), k_cache, v_cache, md)
     for i, (q, fk, fv) in enumerate(zip(q_parts, full_k, full_v)):
@@ -58,3 +66,30 @@ def test_mixed_batch_matches_reference(block_size, num_kv, group, tile):
     # Every new token's keys and values landed in its own slot.
     flat_k = k_cache.view(-1, num_kv, d)
     assert torch.equal(flat_k[torch.tensor(slots)], torch.cat(k_parts))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block_size,group,head_dim,tile", [
+    (16, 1, 64, 128), (32, 3, 64, 40), (16, 8, 128, 100), (32, 3, 128, 2048)])
+def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, group, head_dim, tile):
+    """The kernel alone, on contexts of 1 to 2,000 tokens in shuffled blocks; tiles that end inside
+    blocks and split heads in odd places."""
+    backend = backend_for(True, tile)
+    g = torch.Generator().manual_seed(block_size + group + head_dim + tile)
+    num_kv = 2
+    contexts = [1, 2000, 17, 333, 64, 1, 999, 1500]
+    num_blocks = sum(-(-c // block_size) for c in contexts) + 1
+    k_cache = torch.randn(num_blocks, block_size, num_kv, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv, head_dim, generator=g).to(dtype)
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables = [[order.pop() for _ in range(-(-c // block_size))] for c in contexts]
+    q = torch.randn(len(contexts), num_kv * group, head_dim, generator=g).to(dtype)
+    width = max(len(t) for t in tables)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    out = backend.native(q, k_cache, v_cache, block_tables, torch.tensor(contexts), tile, 1 / math.sqrt(head_dim))
+    assert out.dtype == dtype
+    for b, (table, context) in enumerate(zip(tables, contexts)):
+        keys = k_cache[torch.tensor(table)].flatten(0, 1)[:context]
+        values = v_cache[torch.tensor(table)].flatten(0, 1)[:context]
+        expected = reference(q[b:b + 1], keys, values)[0]
+        assert (out[b].double() - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {b}"

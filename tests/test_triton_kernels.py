@@ -253,6 +253,19 @@ def test_int4_matmul(group, dtype, tol):
     assert relative_error(y, expected) < tol
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_quantized_modules_route_through_triton_off_the_cpu(fmt):
+    """What a quantized module runs on a GPU: its stored buffers, as they are, through the Triton matmul."""
+    from leanserve.kernels.quant import Int4Linear, Int8Linear, use_triton_kernels
+
+    use_triton_kernels()
+    w = torch.randn(48, 128)
+    module = Int4Linear.from_float(w, group_size=32) if fmt == "int4" else Int8Linear.from_float(w)
+    x = torch.randn(5, 128)
+    y = type(module).gpu_kernel(module, x)
+    assert relative_error(y, x.double() @ module.dequantize().double().T) < 1e-5
+
+
 def test_quantize_int4_round_trip():
     w = torch.randn(16, 128)
     packed, scales, zeros = quantize_int4(w, 32)

@@ -19,13 +19,12 @@ import argparse
 import functools
 import json
 import math
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanserve.bench.attention import timed_ms
 from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
 from leanserve.engine.loader import Checkpoint, load_checkpoint
 from leanserve.engine.model_runner import ModelRunner
@@ -107,13 +106,7 @@ def decode_step_ms(runner: ModelRunner, batch: int, context: int, repeats: int =
         with forward_context(md):
             runner.model.compute_logits(runner.model(tokens, positions))
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return timed_ms(step, repeats)
 
 
 def prompt_token_ids(checkpoint: Checkpoint, workload: str, num_prompts: int) -> list[list[int]]:

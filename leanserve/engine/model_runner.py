@@ -8,6 +8,7 @@ import torch
 from leanserve.engine.config import ModelConfig
 from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend, forward_context
+from leanserve.kernels.quant import use_triton_kernels
 from leanserve.scheduler.request import Request
 from leanserve.scheduler.scheduler import ScheduledBatch
 
@@ -41,6 +42,8 @@ class ModelRunner:
         self.model.load_weights(weights)
         if quantize is not None:
             quantize(self.model)
+            if self.device.type == "cuda":
+                use_triton_kernels()
         self.model.to(self.device).eval()
         # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)

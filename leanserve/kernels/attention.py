@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from leanserve.kernels.cpu_kernels import native_lean_attention
+
 
 @dataclass
 class AttentionMetadata:
@@ -28,7 +30,7 @@ class AttentionMetadata:
     block_size: int
     # Built once per step by the backend and shared by all layers.
     prefill: list[tuple[int, int, int, torch.Tensor | None]] | None = None
-    decode: "DecodeTiles | None" = None
+    decode: "DecodeTiles | DecodeSequences | None" = None
 
 
 @dataclass
@@ -44,6 +46,15 @@ class DecodeTiles:
     tile_seq: torch.Tensor     # [N] decode-sequence index of each tile
     tile_blocks: torch.Tensor  # [N, blocks per tile] cache blocks
     tile_mask: torch.Tensor    # [N, 1, 1, tile tokens] additive mask
+
+
+@dataclass
+class DecodeSequences:
+    """Decode sequences for the native kernel, which cuts their contexts into tiles itself."""
+
+    rows: torch.Tensor          # [B] row of each decode sequence's query in the flat batch
+    block_tables: torch.Tensor  # [B, most blocks] int64, padded with block 0
+    context_lens: torch.Tensor  # [B] int64
 
 
 _context: AttentionMetadata | None = None
@@ -82,8 +93,11 @@ class TorchAttentionBackend:
     proportional to the sum of context lengths, not batch x longest context.
     """
 
-    def __init__(self, tile_size: int = 128) -> None:
+    def __init__(self, tile_size: int = 128, native: bool = True) -> None:
+        """`native`: decode with the compiled C++ lean attention (same decomposition, reading the
+        paged cache in place instead of gathering tiles) where it builds."""
         self.tile_size = tile_size
+        self.native = native_lean_attention() if native else None
         # Gathered tiles land in buffers reused across layers and steps: a fresh
         # allocation this large is page-faulted in each time, which costs more than the copy.
         self._workspace = torch.empty(0)
@@ -99,7 +113,16 @@ class TorchAttentionBackend:
                 md.prefill.append((md.query_starts[seq], q_len, ctx_len, cached))
             else:
                 decode.append(seq)
-        md.decode = self._decode_tiles(md, decode) if decode else None
+        if not decode:
+            md.decode = None
+        elif self.native is not None:
+            width = max(len(md.block_tables[s]) for s in decode)
+            md.decode = DecodeSequences(
+                rows=torch.tensor([md.query_starts[s] for s in decode]),
+                block_tables=torch.tensor([md.block_tables[s] + [0] * (width - len(md.block_tables[s])) for s in decode]),
+                context_lens=torch.tensor([md.context_lens[s] for s in decode]))
+        else:
+            md.decode = self._decode_tiles(md, decode)
 
     def _decode_tiles(self, md: AttentionMetadata, seqs: list[int]) -> DecodeTiles:
         bs = md.block_size
@@ -144,8 +167,11 @@ class TorchAttentionBackend:
         return out
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                tiles: DecodeTiles) -> torch.Tensor:
+                tiles: DecodeTiles | DecodeSequences) -> torch.Tensor:
         """q [B, H, D], one token per sequence; returns [B, H, D]."""
+        if isinstance(tiles, DecodeSequences):
+            return self.native(q, k_cache, v_cache, tiles.block_tables, tiles.context_lens, self.tile_size,
+                               1.0 / math.sqrt(q.shape[-1]))
         batch, num_heads, head_dim = q.shape
         num_tiles, blocks_per_tile = tiles.tile_blocks.shape
         num_kv_heads = k_cache.shape[2]

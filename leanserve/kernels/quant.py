@@ -25,8 +25,9 @@ scales in bfloat16, so those round on the fast path only (int4's zeros do not:
 see Int4Linear). Kernel
 operands live in non-persistent buffers (`kernel_*`) built once at construction.
 
-On other devices a class's `gpu_kernel(module, x)`, when set (for instance to the
-Triton dequantizing matmul), computes y; otherwise the weight is dequantized.
+On other devices a class's `gpu_kernel(module, x)`, when set (the model runner sets
+the Triton dequantizing matmuls on CUDA: `use_triton_kernels`), computes y;
+otherwise the weight is dequantized.
 """
 from __future__ import annotations
 
@@ -327,6 +328,22 @@ class LLMInt8Linear(QuantLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, threshold={self.threshold}"
+
+
+def use_triton_kernels() -> None:
+    """Route int4 and per-channel int8 linears off the CPU through the Triton dequantizing matmuls
+    (group-wise int8, such as GGUF Q8_0, has no Triton kernel and keeps the dequantizing fallback)."""
+    from leanserve.kernels.triton import int4_matmul, int8_matmul
+
+    def int4(module: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+        return int4_matmul(x, module.qweight, module.scales, module.zeros(), module.group_size)
+
+    def int8(module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+        if module.group_size is not None:
+            return F.linear(x, module.dequantize().to(x.dtype))
+        return int8_matmul(x, module.weight, module.scales)
+
+    Int4Linear.gpu_kernel, Int8Linear.gpu_kernel = int4, int8
 
 
 QUANT_LINEARS: dict[str, type[QuantLinear]] = {cls.format: cls for cls in (Int8Linear, Int4Linear, LLMInt8Linear)}

@@ -1,0 +1,153 @@
+// Lean attention decode over a paged KV cache, for the CPU (compiled at first use by
+// leanserve/kernels/cpu_kernels.py).
+//
+// Stream-K decomposition (DESIGN.md): the context of every (sequence, KV head) pair is cut
+// into tiles of `tile` tokens; the flat list of all tiles is split into contiguous, equal
+// ranges, one per thread (at::parallel_for); a range may end inside one head's tiles and
+// start inside the next. A tile reads its keys and values straight from the cache blocks
+// through the block table, serves the G query heads of its KV group at once, and writes
+// their partial outputs and log-sum-exps; a second pass merges each head's partials by
+// log-sum-exp: O = sum_i exp(lse_i - L) o_i, L = log sum_i exp(lse_i).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+template <typename scalar_t>
+void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
+                 int64_t start, int64_t end, int64_t block_size, int64_t token_stride, int64_t head_offset,
+                 int64_t groups, int64_t dim, float* scores, float* out, float* lse) {
+  const int64_t n = end - start;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = start + t;
+    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + head_offset;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = q + g * dim;
+      float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
+      scores[g * n + t] = dot;
+    }
+  }
+  std::fill(out, out + groups * dim, 0.f);
+  std::vector<float> sums(groups), maxima(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    float* s = scores + g * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    maxima[g] = m;
+    sums[g] = sum;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = start + t;
+    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + head_offset;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float p = scores[g * n + t];
+      float* o = out + g * dim;
+#pragma omp simd
+      for (int64_t d = 0; d < dim; ++d) o[d] += p * static_cast<float>(v[d]);
+    }
+  }
+  for (int64_t g = 0; g < groups; ++g) {
+    const float inverse = 1.f / sums[g];
+    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inverse;
+    lse[g] = maxima[g] + std::log(sums[g]);
+  }
+}
+
+template <typename scalar_t>
+void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t tile,
+                      double scale, torch::Tensor& out) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), groups = heads / kv_heads;
+  const int64_t token_stride = kv_heads * dim, table_stride = block_tables.size(1);
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+
+  // The flat tile list: (sequence, KV head, first token); each pair's tiles are consecutive.
+  std::vector<int64_t> tile_seq, tile_head, tile_start, pair_first(batch * kv_heads + 1, 0);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t s = 0; s < lens[b]; s += tile) {
+        tile_seq.push_back(b);
+        tile_head.push_back(h);
+        tile_start.push_back(s);
+      }
+      pair_first[b * kv_heads + h + 1] = static_cast<int64_t>(tile_seq.size());
+    }
+  const int64_t num_tiles = static_cast<int64_t>(tile_seq.size());
+  std::vector<float> partial_out(num_tiles * groups * dim), partial_lse(num_tiles * groups);
+
+  // Queries in float32, pre-scaled: [B, H, D].
+  torch::Tensor qf = (q.to(torch::kFloat32) * scale).contiguous();
+  const float* qd = qf.data_ptr<float>();
+  const scalar_t* kd = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vd = v_cache.data_ptr<scalar_t>();
+
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(groups * tile);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = tile_seq[i], h = tile_head[i], s = tile_start[i];
+      attend_tile<scalar_t>(qd + (b * heads + h * groups) * dim, kd, vd, tables + b * table_stride, s,
+                            std::min(s + tile, lens[b]), block_size, token_stride, h * dim, groups, dim,
+                            scores.data(), partial_out.data() + i * groups * dim, partial_lse.data() + i * groups);
+    }
+  });
+
+  torch::Tensor merged = torch::empty({batch, heads, dim}, torch::kFloat32);
+  float* md = merged.data_ptr<float>();
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / kv_heads, h = pair % kv_heads;
+      const int64_t first = pair_first[pair], last = pair_first[pair + 1];
+      for (int64_t g = 0; g < groups; ++g) {
+        float* o = md + (b * heads + h * groups + g) * dim;
+        std::fill(o, o + dim, 0.f);
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t i = first; i < last; ++i) top = std::max(top, partial_lse[i * groups + g]);
+        float total = 0.f;
+        for (int64_t i = first; i < last; ++i) {
+          const float w = std::exp(partial_lse[i * groups + g] - top);
+          total += w;
+          const float* p = partial_out.data() + (i * groups + g) * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] += w * p[d];
+        }
+        for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+      }
+    }
+  });
+  out.copy_(merged);
+}
+
+}  // namespace
+
+// q [B, H, D]; k_cache, v_cache [num_blocks, block_size, kv_heads, D] (contiguous); block_tables [B, >= blocks]
+// int64; context_lens [B] int64 (each >= 1). Returns [B, H, D] in q's dtype.
+torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                    torch::Tensor block_tables, torch::Tensor context_lens, int64_t tile,
+                                    double scale) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(), "bad shapes");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the cache must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0 && q.size(2) == k_cache.size(3), "heads do not match the cache");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
+              "block tables and context lengths must be int64");
+  TORCH_CHECK(tile > 0, "tile must be positive");
+  torch::Tensor out = torch::empty(q.sizes(), q.options());
+  auto tables = block_tables.contiguous();
+  auto lens = context_lens.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "lean_attention_decode", [&] {
+    lean_decode_impl<scalar_t>(q, k_cache, v_cache, tables, lens, tile, scale, out);
+  });
+  return out;
+}

@@ -1,0 +1,33 @@
+"""Native CPU kernels (C++ in leanserve/kernels/cpu/), compiled on first use by torch's extension
+builder and cached by it (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
+
+Where they cannot be built (no C++ compiler, or LEANSERVE_NATIVE_KERNELS=0), callers fall back
+to the torch implementations, which compute the same thing.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("cpu") / "lean_attention.cpp"
+
+
+@functools.cache
+def native_lean_attention():
+    """`lean_attention_decode(q, k_cache, v_cache, block_tables, context_lens, tile, scale)`, or None."""
+    if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        module = load_inline(name="leanserve_cpu_kernels", cpp_sources=[SOURCE.read_text()],
+                             functions=["lean_attention_decode"], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                             extra_ldflags=["-fopenmp"])
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
+        log.warning("native CPU decode attention unavailable (%s: %s); using the torch version",
+                    type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        return None
+    return module.lean_attention_decode
