@@ -1,13 +1,14 @@
 // Lean attention decode over a paged KV cache, for the CPU (compiled at first use by
 // leanserve/kernels/cpu_kernels.py).
 //
-// Stream-K decomposition (DESIGN.md): the context of every (sequence, KV head) pair is cut
-// into tiles of `tile` tokens; the flat list of all tiles is split into contiguous, equal
-// ranges, one per thread (at::parallel_for); a range may end inside one head's tiles and
-// start inside the next. A tile reads its keys and values straight from the cache blocks
-// through the block table, serves the G query heads of its KV group at once, and writes
-// their partial outputs and log-sum-exps; a second pass merges each head's partials by
-// log-sum-exp: O = sum_i exp(lse_i - L) o_i, L = log sum_i exp(lse_i).
+// Stream-K decomposition (DESIGN.md): every sequence's context is cut into tiles of `tile`
+// tokens; the flat list of all tiles is split into contiguous, equal ranges, one per thread
+// (at::parallel_for); a range may end inside one sequence's tiles and start inside the next.
+// A tile reads its keys and values straight from the cache blocks through the block table;
+// on the CPU it serves all heads of its tokens (each KV head with the G query heads of its
+// group), so every cached row [kv_heads, D] is read once, contiguously. It writes partial
+// outputs and log-sum-exps; a second pass merges each head's partials by log-sum-exp:
+// O = sum_i exp(lse_i - L) o_i, L = log sum_i exp(lse_i).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,26 +19,28 @@
 
 namespace {
 
+// One tile: tokens [start, end) of one sequence, all its query heads. A token's keys (and
+// values) for every KV head are one contiguous row of the cache block, read once.
 template <typename scalar_t>
 void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
-                 int64_t start, int64_t end, int64_t block_size, int64_t token_stride, int64_t head_offset,
-                 int64_t groups, int64_t dim, float* scores, float* out, float* lse) {
-  const int64_t n = end - start;
+                 int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim,
+                 float* scores, float* out, float* lse) {
+  const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
-    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + head_offset;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* qg = q + g * dim;
+    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* qh = q + h * dim;
+      const scalar_t* kh = k + (h / groups) * dim;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < dim; ++d) dot += qg[d] * static_cast<float>(k[d]);
-      scores[g * n + t] = dot;
+      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * static_cast<float>(kh[d]);
+      scores[h * n + t] = dot;
     }
   }
-  std::fill(out, out + groups * dim, 0.f);
-  std::vector<float> sums(groups), maxima(groups);
-  for (int64_t g = 0; g < groups; ++g) {
-    float* s = scores + g * n;
+  std::fill(out, out + heads * dim, 0.f);
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * n;
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
     float sum = 0.f;
@@ -45,23 +48,19 @@ void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cach
       s[t] = std::exp(s[t] - m);
       sum += s[t];
     }
-    maxima[g] = m;
-    sums[g] = sum;
+    lse[h] = m + std::log(sum);
+    for (int64_t t = 0; t < n; ++t) s[t] /= sum;
   }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
-    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * token_stride + head_offset;
-    for (int64_t g = 0; g < groups; ++g) {
-      const float p = scores[g * n + t];
-      float* o = out + g * dim;
+    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float p = scores[h * n + t];
+      const scalar_t* vh = v + (h / groups) * dim;
+      float* o = out + h * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) o[d] += p * static_cast<float>(v[d]);
+      for (int64_t d = 0; d < dim; ++d) o[d] += p * static_cast<float>(vh[d]);
     }
-  }
-  for (int64_t g = 0; g < groups; ++g) {
-    const float inverse = 1.f / sums[g];
-    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] *= inverse;
-    lse[g] = maxima[g] + std::log(sums[g]);
   }
 }
 
@@ -71,23 +70,21 @@ void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, cons
                       double scale, torch::Tensor& out) {
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), groups = heads / kv_heads;
-  const int64_t token_stride = kv_heads * dim, table_stride = block_tables.size(1);
+  const int64_t table_stride = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
   const int64_t* tables = block_tables.data_ptr<int64_t>();
 
-  // The flat tile list: (sequence, KV head, first token); each pair's tiles are consecutive.
-  std::vector<int64_t> tile_seq, tile_head, tile_start, pair_first(batch * kv_heads + 1, 0);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t h = 0; h < kv_heads; ++h) {
-      for (int64_t s = 0; s < lens[b]; s += tile) {
-        tile_seq.push_back(b);
-        tile_head.push_back(h);
-        tile_start.push_back(s);
-      }
-      pair_first[b * kv_heads + h + 1] = static_cast<int64_t>(tile_seq.size());
+  // The flat tile list: (sequence, first token); each sequence's tiles are consecutive.
+  std::vector<int64_t> tile_seq, tile_start, seq_first(batch + 1, 0);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t s = 0; s < lens[b]; s += tile) {
+      tile_seq.push_back(b);
+      tile_start.push_back(s);
     }
+    seq_first[b + 1] = static_cast<int64_t>(tile_seq.size());
+  }
   const int64_t num_tiles = static_cast<int64_t>(tile_seq.size());
-  std::vector<float> partial_out(num_tiles * groups * dim), partial_lse(num_tiles * groups);
+  std::vector<float> partial_out(num_tiles * heads * dim), partial_lse(num_tiles * heads);
 
   // Queries in float32, pre-scaled: [B, H, D].
   torch::Tensor qf = (q.to(torch::kFloat32) * scale).contiguous();
@@ -96,35 +93,32 @@ void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, cons
   const scalar_t* vd = v_cache.data_ptr<scalar_t>();
 
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(groups * tile);
+    std::vector<float> scores(heads * tile);
     for (int64_t i = begin; i < end; ++i) {
-      const int64_t b = tile_seq[i], h = tile_head[i], s = tile_start[i];
-      attend_tile<scalar_t>(qd + (b * heads + h * groups) * dim, kd, vd, tables + b * table_stride, s,
-                            std::min(s + tile, lens[b]), block_size, token_stride, h * dim, groups, dim,
-                            scores.data(), partial_out.data() + i * groups * dim, partial_lse.data() + i * groups);
+      const int64_t b = tile_seq[i], s = tile_start[i];
+      attend_tile<scalar_t>(qd + b * heads * dim, kd, vd, tables + b * table_stride, s, std::min(s + tile, lens[b]),
+                            block_size, kv_heads, groups, dim, scores.data(), partial_out.data() + i * heads * dim,
+                            partial_lse.data() + i * heads);
     }
   });
 
   torch::Tensor merged = torch::empty({batch, heads, dim}, torch::kFloat32);
   float* md = merged.data_ptr<float>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t b = pair / kv_heads, h = pair % kv_heads;
-      const int64_t first = pair_first[pair], last = pair_first[pair + 1];
-      for (int64_t g = 0; g < groups; ++g) {
-        float* o = md + (b * heads + h * groups + g) * dim;
-        std::fill(o, o + dim, 0.f);
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t i = first; i < last; ++i) top = std::max(top, partial_lse[i * groups + g]);
-        float total = 0.f;
-        for (int64_t i = first; i < last; ++i) {
-          const float w = std::exp(partial_lse[i * groups + g] - top);
-          total += w;
-          const float* p = partial_out.data() + (i * groups + g) * dim;
-          for (int64_t d = 0; d < dim; ++d) o[d] += w * p[d];
-        }
-        for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+      const int64_t b = pair / heads, h = pair % heads;
+      float* o = md + pair * dim;
+      std::fill(o, o + dim, 0.f);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t i = seq_first[b]; i < seq_first[b + 1]; ++i) top = std::max(top, partial_lse[i * heads + h]);
+      float total = 0.f;
+      for (int64_t i = seq_first[b]; i < seq_first[b + 1]; ++i) {
+        const float w = std::exp(partial_lse[i * heads + h] - top);
+        total += w;
+        const float* p = partial_out.data() + (i * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * p[d];
       }
+      for (int64_t d = 0; d < dim; ++d) o[d] /= total;
     }
   });
   out.copy_(merged);
