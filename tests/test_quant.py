@@ -364,8 +364,22 @@ def test_sequence_log_probs_equal_the_engine_logits(tiny_hf_dir: Path) -> None:
     llm = LLM(str(tiny_hf_dir), kv_cache_tokens=1024)
     engine = llm.engine
     prompt = PROMPTS[1]
-    log_probs = perplexity.sequence_log_probs(engine.runner, prompt + [9])
+    log_probs, _ = perplexity.sequence_log_probs(engine.runner, prompt + [9])
     engine.add_request("x", prompt, SamplingParams(max_tokens=1))
     logits, _ = engine.runner.execute(engine.scheduler.schedule())
     engine.abort_request("x")
     torch.testing.assert_close(log_probs[-1], torch.log_softmax(logits[0], -1), rtol=1e-5, atol=1e-5)
+
+
+def test_native_int4_linear_equals_the_torch_path() -> None:
+    from leanserve.kernels.cpu_kernels import native_kernels
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("the native CPU kernels did not build here (no C++ compiler?)")
+    module = Int4Linear.from_float(weights(), group_size=32)
+    x = activations(m=5)
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), module.kernel_weight, 32,
+                                                        module.kernel_scales_zeros)[:, :96].float()
+    torch_path = kernel + x.view(5, -1, 32).sum(-1) @ module.kernel_zeros
+    native = kernels.int4_linear(x, module.kernel_weight, 32, module.kernel_scales_zeros, module.kernel_zeros, 96)
+    torch.testing.assert_close(native, torch_path, rtol=1e-5, atol=1e-5)

@@ -19,6 +19,7 @@ import argparse
 import functools
 import json
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -87,12 +88,15 @@ def _metadata(runner: ModelRunner, query_lens: list[int], context_lens: list[int
 
 
 @torch.inference_mode()
-def sequence_log_probs(runner: ModelRunner, ids: list[int]) -> torch.Tensor:
-    """Next-token log-probabilities [len(ids) - 1, vocab] of one sequence, run as one prefill segment."""
+def sequence_log_probs(runner: ModelRunner, ids: list[int]) -> tuple[torch.Tensor, float]:
+    """Next-token log-probabilities [len(ids) - 1, vocab] of one sequence, run as one prefill segment,
+    and the seconds its forward pass (the prefill, without logits) took."""
     md = _metadata(runner, [len(ids)], [len(ids)])
+    start = time.perf_counter()
     with forward_context(md):
         hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)))
-    return torch.log_softmax(runner.model.compute_logits(hidden[:-1]), dim=-1)
+    seconds = time.perf_counter() - start
+    return torch.log_softmax(runner.model.compute_logits(hidden[:-1]), dim=-1), seconds
 
 
 @torch.inference_mode()
@@ -142,13 +146,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model}: {len(prompts)} prompts, {num_tokens} predicted tokens; decode steps over "
           f"{args.context} cached tokens; {torch.get_num_threads()} threads", flush=True)
     runners = {mode: build_runner(checkpoint, mode, num_blocks) for mode in modes}
-    rows = {mode: {"mode": mode, "nll": 0.0, "kl": 0.0, "agree": 0} for mode in modes}
+    rows = {mode: {"mode": mode, "nll": 0.0, "kl": 0.0, "agree": 0, "prefill_s": 0.0} for mode in modes}
     for ids in prompts:
         targets = torch.tensor(ids[1:])[:, None]
         reference = None
         for mode, runner in runners.items():
-            log_probs = sequence_log_probs(runner, ids)
+            log_probs, seconds = sequence_log_probs(runner, ids)
             row = rows[mode]
+            row["prefill_s"] += seconds
             row["nll"] -= float(log_probs.gather(1, targets).sum())
             if mode == "float":
                 reference = log_probs
@@ -160,20 +165,21 @@ def run(args: argparse.Namespace) -> int:
         row = {"mode": mode}
         if prompts:
             row["perplexity"] = math.exp(rows[mode]["nll"] / num_tokens)
+            row["prefill_tokens_per_s"] = (num_tokens + len(prompts)) / rows[mode]["prefill_s"]
             if "float" in runners and mode != "float":
                 row["kl_vs_float"] = rows[mode]["kl"] / num_tokens
                 row["top1_agreement"] = rows[mode]["agree"] / num_tokens
         row["step_ms"] = {b: decode_step_ms(runner, b, args.context, args.repeats) for b in batches}
         results.append(row)
     base = results[0].get("perplexity") if results[0]["mode"] == "float" else None
-    print(f"{'mode':<18}{'perplexity':>11}{'vs float':>10}{'KL nats':>10}{'top-1':>8}"
-          + "".join(f"{f'B={b} ms':>10}" for b in batches))
+    print(f"{'mode':<18}{'perplexity':>11}{'vs float':>10}{'KL nats':>10}{'top-1':>8}{'prefill tok/s':>15}"
+          + "".join(f"{f'B={b} ms':>10}{'tok/s':>8}" for b in batches))
     for row in results:
         ppl = row.get("perplexity", math.nan)
         change = (ppl / base - 1) * 100 if base else math.nan
         print(f"{row['mode']:<18}{ppl:>11.4f}{change:>+9.3f}%{row.get('kl_vs_float', math.nan):>10.5f}"
-              f"{row.get('top1_agreement', math.nan) * 100:>7.2f}%"
-              + "".join(f"{row['step_ms'][b]:>10.2f}" for b in batches))
+              f"{row.get('top1_agreement', math.nan) * 100:>7.2f}%{row.get('prefill_tokens_per_s', math.nan):>15.0f}"
+              + "".join(f"{row['step_ms'][b]:>10.2f}{b / row['step_ms'][b] * 1e3:>8.1f}" for b in batches))
     if args.output:
         with open(args.output, "w") as f:
             json.dump({"model": args.model, "num_prompts": len(prompts), "predicted_tokens": num_tokens,

@@ -145,3 +145,69 @@ torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torc
   });
   return out;
 }
+
+// In place, for float32 [T, H] rows: residual += x, then x = residual * rsqrt(mean(residual^2) + eps)
+// * weight: a decoder layer's residual add and the next RMSNorm in one pass.
+void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && residual.scalar_type() == torch::kFloat32 &&
+                  weight.scalar_type() == torch::kFloat32, "float32 only");
+  TORCH_CHECK(x.is_contiguous() && residual.is_contiguous() && weight.is_contiguous(), "contiguous tensors only");
+  TORCH_CHECK(x.sizes() == residual.sizes() && x.size(-1) == weight.size(0), "shapes do not match");
+  const int64_t hidden = weight.size(0), rows = x.numel() / hidden;
+  float* xd = x.data_ptr<float>();
+  float* rd = residual.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* xr = xd + r * hidden;
+      float* rr = rd + r * hidden;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < hidden; ++i) {
+        rr[i] += xr[i];
+        squares += rr[i] * rr[i];
+      }
+      const float inverse = 1.f / std::sqrt(squares / hidden + static_cast<float>(eps));
+#pragma omp simd
+      for (int64_t i = 0; i < hidden; ++i) xr[i] = rr[i] * inverse * w[i];
+    }
+  });
+}
+
+// Int4Linear's CPU path for decode-sized batches in one call: y [M, N] float32 =
+// torch's int4 kernel on bfloat16(x) (its zero term left at 0), plus the exact zero term:
+// x's sums over each group of `group` features times zeros_t [K / G, N] (float32).
+torch::Tensor int4_linear(torch::Tensor x, torch::Tensor packed, int64_t group, torch::Tensor scales_zeros,
+                          torch::Tensor zeros_t, int64_t out_features) {
+  TORCH_CHECK(x.dim() == 2 && zeros_t.scalar_type() == torch::kFloat32 && zeros_t.is_contiguous(), "bad inputs");
+  const int64_t rows = x.size(0), in_features = x.size(1), groups = in_features / group;
+  TORCH_CHECK(groups * group == in_features && zeros_t.size(0) == groups && zeros_t.size(1) == out_features,
+              "zeros do not fit");
+  torch::Tensor x32 = x.to(torch::kFloat32).contiguous();
+  torch::Tensor product = at::_weight_int4pack_mm_for_cpu(x32.to(at::kBFloat16), packed, group, scales_zeros);
+  torch::Tensor y = torch::empty({rows, out_features}, torch::kFloat32);
+  const float* xd = x32.data_ptr<float>();
+  const at::BFloat16* pd = product.data_ptr<at::BFloat16>();
+  const float* zd = zeros_t.data_ptr<float>();
+  float* yd = y.data_ptr<float>();
+  const int64_t product_stride = product.size(1);
+  std::vector<float> sums(groups);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.f;
+      for (int64_t k = 0; k < group; ++k) s += xd[m * in_features + g * group + k];
+      sums[g] = s;
+    }
+    float* ym = yd + m * out_features;
+    const at::BFloat16* pm = pd + m * product_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < out_features; ++j) ym[j] = static_cast<float>(pm[j]);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float s = sums[g];
+      const float* zg = zd + g * out_features;
+#pragma omp simd
+      for (int64_t j = 0; j < out_features; ++j) ym[j] += s * zg[j];
+    }
+  }
+  return y;
+}
