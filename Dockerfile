@@ -34,6 +34,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     LEANSERVE_HOST=0.0.0.0 \
     LEANSERVE_PORT=8000
+# g++: the native CPU kernels (leanserve/kernels/cpu) compile at the first start, for the CPU the
+# container runs on, into ~/.cache/torch_extensions (about 30 s; without a compiler the server runs
+# the slower torch versions).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # A numeric UID so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes/deployment.yaml).
 RUN groupadd --system --gid 10001 leanserve \
     && useradd --system --uid 10001 --gid leanserve --create-home --home-dir /home/leanserve leanserve

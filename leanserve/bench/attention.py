@@ -1,9 +1,9 @@
 """`leanserve bench attention`: decode attention over a paged KV cache.
 
 One decode step's attention for one layer (one query token a sequence), with the
-default model's head shapes: lean attention (the CPU backend: tiles of whole cache
-blocks, one flash-attention call, log-sum-exp merge) reading keys and values
-straight from the paged cache, against
+default model's head shapes: lean attention (the CPU backend: its native kernel, or
+with --torch its torch tiles: whole cache blocks, one flash-attention call,
+log-sum-exp merge) reading keys and values from the paged cache, against
 
 - padded SDPA: every sequence padded to the longest, one batched call with a
   padding mask, over a contiguous padded cache (built outside the timing);
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
+from leanserve.kernels.cpu_kernels import native_lean_attention
 
 
 def ragged_contexts(count: int, shortest: int, longest: int) -> list[int]:
@@ -95,7 +96,7 @@ def run_batch(name: str, contexts: list[int], args: argparse.Namespace, dtype: t
     batch, longest = len(contexts), max(contexts)
     expected = reference(q, k_cache, v_cache, tables, contexts)
 
-    backend = TorchAttentionBackend(tile_size=args.tile_size)
+    backend = TorchAttentionBackend(tile_size=args.tile_size, native=not args.torch)
     md = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), query_starts=list(range(batch)),
                            query_lens=[1] * batch, context_lens=contexts, block_tables=tables, block_size=bs)
     prepare_ms = timed_ms(lambda: backend.prepare(md), args.repeats)
@@ -147,6 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--tile-size", type=int, default=128, help="lean attention's tile, in tokens")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--torch", action="store_true", help="lean attention's torch tiles, not the native kernel")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--json", help="write the results here")
 
@@ -156,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
     ragged = ragged_contexts(args.sequences, args.shortest, args.longest)
     equal = [sum(ragged) // args.sequences] * args.sequences
     memory_rate = memory_gbps()
-    print(f"decode attention, one layer: {args.heads} heads, {args.kv_heads} KV heads, head dim {args.head_dim}, "
+    native = not args.torch and native_lean_attention() is not None
+    print(f"decode attention ({'native kernel' if native else 'torch tiles'}), one layer: {args.heads} heads, {args.kv_heads} KV heads, head dim {args.head_dim}, "
           f"{args.dtype}, block {args.block_size}, tile {args.tile_size}; {torch.get_num_threads()} threads; "
           f"memory read rate (matrix-vector) {memory_rate:.1f} GB/s")
     rows = [run_batch("ragged", ragged, args, dtype, memory_rate), run_batch("equal", equal, args, dtype, memory_rate)]

@@ -91,6 +91,11 @@ class TorchAttentionBackend:
     sequences go through one flash-attention call that also returns each tile's
     log-sum-exp, and each sequence's tiles are merged by log-sum-exp. Work is
     proportional to the sum of context lengths, not batch x longest context.
+
+    Where the native CPU kernels build (leanserve/kernels/cpu), decode runs the same
+    decomposition in C++ instead: tiles read the paged cache in place (no gathered
+    copy), one thread a contiguous range of tiles: on the ragged batch of `leanserve
+    bench attention`, 4.0 ms against 5.3 to 6.3 for the torch tiles (`--torch`).
     """
 
     def __init__(self, tile_size: int = 128, native: bool = True) -> None:
