@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
-from leanserve.kernels.cpu_kernels import native_lean_attention
+from leanserve.kernels.cpu_kernels import native_kernels
 
 
 def backend_for(native: bool, tile: int) -> TorchAttentionBackend:
-    if native and native_lean_attention() is None:
+    if native and native_kernels() is None:
         pytest.skip("the native CPU kernel did not build here (no C++ compiler?)")
     return TorchAttentionBackend(tile_size=tile, native=native)
 
@@ -93,3 +93,37 @@ def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, gro
         values = v_cache[torch.tensor(table)].flatten(0, 1)[:context]
         expected = reference(q[b:b + 1], keys, values)[0]
         assert (out[b].double() - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {b}"
+
+
+def test_native_decode_step_equals_rotary_cache_write_and_attention():
+    """The fused decode step against the unfused path it replaces (rotate, write the cache, attend)."""
+    from leanserve.engine.models.llama import rotate
+
+    backend = backend_for(True, 64)
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, d, block_size = 6, 2, 32, 16
+    contexts = [1, 40, 130]
+    num_blocks = sum(-(-c // block_size) for c in contexts) + 1
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    order = list(range(1, num_blocks))
+    tables = [[order.pop() for _ in range(-(-c // block_size))] for c in contexts]
+    slots = [tables[b][(c - 1) // block_size] * block_size + (c - 1) % block_size for b, c in enumerate(contexts)]
+    md = AttentionMetadata(torch.tensor(slots), [0, 1, 2], [1, 1, 1], contexts, tables, block_size)
+    backend.prepare(md)
+    md.prefill = []                 # as if the 1-token context were cached already: a decode-only step
+    md.decode.rows, md.decode.context_lens = torch.arange(3), torch.tensor(contexts)
+    md.decode.block_tables = torch.tensor([t + [0] * (9 - len(t)) for t in tables])
+    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=g)
+    freqs = torch.rand(3, 1, d // 2, generator=g) * 10
+    rope = torch.cat([freqs.cos()] * 2, -1), torch.cat([-freqs.sin(), freqs.sin()], -1)
+
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    fused = backend.decode_step(qkv, rope, k_cache, v_cache, md, heads)
+    qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
+    qk = rotate(qk.reshape(3, heads + kv_heads, d), *rope)
+    q, k = qk.split([heads, kv_heads], dim=1)
+    expected = backend.forward(q, k, v.reshape(3, kv_heads, d), k2, v2, md).reshape(3, heads * d)
+    torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k_cache, k2, rtol=1e-6, atol=1e-6)
+    assert torch.equal(v_cache, v2)

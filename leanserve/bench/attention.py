@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
-from leanserve.kernels.cpu_kernels import native_lean_attention
+from leanserve.kernels.cpu_kernels import native_kernels
 
 
 def ragged_contexts(count: int, shortest: int, longest: int) -> list[int]:
@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
     ragged = ragged_contexts(args.sequences, args.shortest, args.longest)
     equal = [sum(ragged) // args.sequences] * args.sequences
     memory_rate = memory_gbps()
-    native = not args.torch and native_lean_attention() is not None
+    native = not args.torch and native_kernels() is not None
     print(f"decode attention ({'native kernel' if native else 'torch tiles'}), one layer: {args.heads} heads, {args.kv_heads} KV heads, head dim {args.head_dim}, "
           f"{args.dtype}, block {args.block_size}, tile {args.tile_size}; {torch.get_num_threads()} threads; "
           f"memory read rate (matrix-vector) {memory_rate:.1f} GB/s")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leanserve.kernels.cpu_kernels import native_lean_attention
+from leanserve.kernels.cpu_kernels import native_kernels
 
 
 @dataclass
@@ -102,7 +102,8 @@ class TorchAttentionBackend:
         """`native`: decode with the compiled C++ lean attention (same decomposition, reading the
         paged cache in place instead of gathering tiles) where it builds."""
         self.tile_size = tile_size
-        self.native = native_lean_attention() if native else None
+        self.kernels = native_kernels() if native else None
+        self.native = self.kernels.lean_attention_decode if self.kernels is not None else None
         # Gathered tiles land in buffers reused across layers and steps: a fresh
         # allocation this large is page-faulted in each time, which costs more than the copy.
         self._workspace = torch.empty(0)
@@ -148,6 +149,19 @@ class TorchAttentionBackend:
         mask = torch.zeros(positions.shape).masked_fill_(positions >= context_lens[tile_seq][:, None], float("-inf"))
         rows = torch.tensor([md.query_starts[s] for s in seqs])
         return DecodeTiles(rows, tile_seq, blocks, mask[:, None, None, :])
+
+    def decode_step(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                    v_cache: torch.Tensor, md: AttentionMetadata, num_heads: int) -> torch.Tensor | None:
+        """A decode-only float32 step in one native call: rotary embedding of the queries and keys in
+        qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives them), the new
+        keys and values into the cache, lean attention; returns [T, H D]. None where that does not
+        apply (a batch with prefill segments, no native kernels, another dtype): use forward()."""
+        if md.prefill or self.kernels is None or qkv.dtype != torch.float32 or k_cache.dtype != torch.float32:
+            return None
+        cos, sin = rope
+        return self.kernels.decode_attention_step(
+            qkv, cos, sin, k_cache, v_cache, md.slot_mapping, md.decode.block_tables, md.decode.context_lens,
+            num_heads, self.tile_size, 1.0 / math.sqrt(k_cache.shape[-1]))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:

@@ -17,22 +17,19 @@ SOURCE = Path(__file__).with_name("cpu") / "kernels.cpp"
 
 @functools.cache
 def native_kernels():
-    """The compiled module (`lean_attention_decode`, `fused_add_rms_norm`, `int4_linear`), or None."""
+    """The compiled module (`lean_attention_decode`, `decode_attention_step`, `fused_add_rms_norm`,
+    `int4_linear`), or None."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(name="leanserve_cpu_kernels", cpp_sources=[SOURCE.read_text()],
-                           functions=["lean_attention_decode", "fused_add_rms_norm", "int4_linear"],
+                           functions=["lean_attention_decode", "decode_attention_step", "fused_add_rms_norm",
+                                      "int4_linear"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("native CPU kernels unavailable (%s: %s); using the torch versions",
                     type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         return None
 
-
-def native_lean_attention():
-    """`lean_attention_decode(q, k_cache, v_cache, block_tables, context_lens, tile, scale)`, or None."""
-    kernels = native_kernels()
-    return kernels.lean_attention_decode if kernels is not None else None

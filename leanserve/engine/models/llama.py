@@ -101,12 +101,17 @@ class LlamaAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)   # set by the model runner
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-        # Queries and keys rotate together, as one [T, heads + kv heads, D] tensor.
-        qk = rotate(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_forward_context())
+        qkv = self.qkv_proj(x)
+        md = get_forward_context()
+        fused = getattr(self.backend, "decode_step", None)       # rotary + cache write + attention, one call
+        out = fused(qkv, rope, self.k_cache, self.v_cache, md, self.num_heads) if fused is not None else None
+        if out is None:
+            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+            # Queries and keys rotate together, as one [T, heads + kv heads, D] tensor.
+            qk = rotate(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, md)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -144,6 +145,48 @@ torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torc
     lean_decode_impl<scalar_t>(q, k_cache, v_cache, tables, lens, tile, scale, out);
   });
   return out;
+}
+
+// A decode-only step's attention for one layer, float32, in one call: the rotary embedding of the
+// queries and keys in qkv [B, (H + 2 Hkv) D] (cos and signed sin [B, D], HF's rotate-half layout:
+// x cos + roll(x, D/2) sin), the new keys and values written to their cache slots, then
+// lean_attention_decode. Returns [B, H D].
+torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
+                                    torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
+                                    torch::Tensor context_lens, int64_t heads, int64_t tile, double scale) {
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
+                  v_cache.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32,
+              "float32 only");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64,
+              "contiguous caches and int64 slots");
+  const int64_t batch = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3), half = dim / 2;
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * dim && slot_mapping.size(0) == batch,
+              "qkv does not fit the cache's heads");
+  torch::Tensor x = qkv.contiguous(), c = cos.reshape({batch, dim}).contiguous(), sn = sin.reshape({batch, dim}).contiguous();
+  torch::Tensor slots = slot_mapping.contiguous();
+  torch::Tensor q = torch::empty({batch, heads, dim}, torch::kFloat32);
+  const float* xd = x.data_ptr<float>();
+  const float* cd = c.data_ptr<float>();
+  const float* sd = sn.data_ptr<float>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  float* qd = q.data_ptr<float>();
+  float* kd = k_cache.data_ptr<float>();
+  float* vd = v_cache.data_ptr<float>();
+  const int64_t width = (heads + 2 * kv_heads) * dim;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = xd + b * width;
+    const float* cb = cd + b * dim;
+    const float* sb = sd + b * dim;
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {        // queries, then keys: rotated
+      const float* src = row + h * dim;
+      float* dst = h < heads ? qd + (b * heads + h) * dim : kd + (sl[b] * kv_heads + (h - heads)) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = src[d] * cb[d] + src[(d + half) % dim] * sb[d];
+    }
+    std::memcpy(vd + sl[b] * kv_heads * dim, row + (heads + kv_heads) * dim, kv_heads * dim * sizeof(float));
+  }
+  torch::Tensor out = torch::empty({batch, heads, dim}, torch::kFloat32);
+  lean_decode_impl<float>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile, scale, out);
+  return out.view({batch, heads * dim});
 }
 
 // In place, for float32 [T, H] rows: residual += x, then x = residual * rsqrt(mean(residual^2) + eps)
