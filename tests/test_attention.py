@@ -86,7 +86,8 @@ def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, gro
     q = torch.randn(len(contexts), num_kv * group, head_dim, generator=g).to(dtype)
     width = max(len(t) for t in tables)
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    out = backend.native(q, k_cache, v_cache, block_tables, torch.tensor(contexts), tile, 1 / math.sqrt(head_dim))
+    out = backend.kernels.lean_attention_decode(q, k_cache, v_cache, block_tables, torch.tensor(contexts), tile,
+                                                1 / math.sqrt(head_dim))
     assert out.dtype == dtype
     for b, (table, context) in enumerate(zip(tables, contexts)):
         keys = k_cache[torch.tensor(table)].flatten(0, 1)[:context]

@@ -103,7 +103,6 @@ class TorchAttentionBackend:
         paged cache in place instead of gathering tiles) where it builds."""
         self.tile_size = tile_size
         self.kernels = native_kernels() if native else None
-        self.native = self.kernels.lean_attention_decode if self.kernels is not None else None
         # Gathered tiles land in buffers reused across layers and steps: a fresh
         # allocation this large is page-faulted in each time, which costs more than the copy.
         self._workspace = torch.empty(0)
@@ -121,7 +120,7 @@ class TorchAttentionBackend:
                 decode.append(seq)
         if not decode:
             md.decode = None
-        elif self.native is not None:
+        elif self.kernels is not None:
             width = max(len(md.block_tables[s]) for s in decode)
             md.decode = DecodeSequences(
                 rows=torch.tensor([md.query_starts[s] for s in decode]),
@@ -189,8 +188,8 @@ class TorchAttentionBackend:
                 tiles: DecodeTiles | DecodeSequences) -> torch.Tensor:
         """q [B, H, D], one token per sequence; returns [B, H, D]."""
         if isinstance(tiles, DecodeSequences):
-            return self.native(q, k_cache, v_cache, tiles.block_tables, tiles.context_lens, self.tile_size,
-                               1.0 / math.sqrt(q.shape[-1]))
+            return self.kernels.lean_attention_decode(q, k_cache, v_cache, tiles.block_tables, tiles.context_lens,
+                                                      self.tile_size, 1.0 / math.sqrt(q.shape[-1]))
         batch, num_heads, head_dim = q.shape
         num_tiles, blocks_per_tile = tiles.tile_blocks.shape
         num_kv_heads = k_cache.shape[2]

@@ -65,11 +65,12 @@ void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cach
   }
 }
 
+// qf: the queries [B, H, D], float32, contiguous and already multiplied by the softmax scale.
+// Returns the attention output [B, H, D] in float32.
 template <typename scalar_t>
-void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
-                      const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t tile,
-                      double scale, torch::Tensor& out) {
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2);
+torch::Tensor lean_decode_impl(const torch::Tensor& qf, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                               const torch::Tensor& block_tables, const torch::Tensor& context_lens, int64_t tile) {
+  const int64_t batch = qf.size(0), heads = qf.size(1), dim = qf.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), groups = heads / kv_heads;
   const int64_t table_stride = block_tables.size(1);
   const int64_t* lens = context_lens.data_ptr<int64_t>();
@@ -87,8 +88,6 @@ void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, cons
   const int64_t num_tiles = static_cast<int64_t>(tile_seq.size());
   std::vector<float> partial_out(num_tiles * heads * dim), partial_lse(num_tiles * heads);
 
-  // Queries in float32, pre-scaled: [B, H, D].
-  torch::Tensor qf = (q.to(torch::kFloat32) * scale).contiguous();
   const float* qd = qf.data_ptr<float>();
   const scalar_t* kd = k_cache.data_ptr<scalar_t>();
   const scalar_t* vd = v_cache.data_ptr<scalar_t>();
@@ -122,7 +121,7 @@ void lean_decode_impl(const torch::Tensor& q, const torch::Tensor& k_cache, cons
       for (int64_t d = 0; d < dim; ++d) o[d] /= total;
     }
   });
-  out.copy_(merged);
+  return merged;
 }
 
 }  // namespace
@@ -138,13 +137,14 @@ torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torc
   TORCH_CHECK(block_tables.scalar_type() == torch::kInt64 && context_lens.scalar_type() == torch::kInt64,
               "block tables and context lengths must be int64");
   TORCH_CHECK(tile > 0, "tile must be positive");
-  torch::Tensor out = torch::empty(q.sizes(), q.options());
+  torch::Tensor qf = (q.to(torch::kFloat32) * scale).contiguous();
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
+  torch::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "lean_attention_decode", [&] {
-    lean_decode_impl<scalar_t>(q, k_cache, v_cache, tables, lens, tile, scale, out);
+    out = lean_decode_impl<scalar_t>(qf, k_cache, v_cache, tables, lens, tile);
   });
-  return out;
+  return out.to(q.scalar_type());
 }
 
 // A decode-only step's attention for one layer, float32, in one call: the rotary embedding of the
@@ -177,16 +177,17 @@ torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch:
     const float* row = xd + b * width;
     const float* cb = cd + b * dim;
     const float* sb = sd + b * dim;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) {        // queries, then keys: rotated
+    for (int64_t h = 0; h < heads + kv_heads; ++h) {        // queries (also scaled), then keys: rotated
       const float* src = row + h * dim;
-      float* dst = h < heads ? qd + (b * heads + h) * dim : kd + (sl[b] * kv_heads + (h - heads)) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = src[d] * cb[d] + src[(d + half) % dim] * sb[d];
+      const bool query = h < heads;
+      float* dst = query ? qd + (b * heads + h) * dim : kd + (sl[b] * kv_heads + (h - heads)) * dim;
+      const float factor = query ? static_cast<float>(scale) : 1.f;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * factor;
     }
     std::memcpy(vd + sl[b] * kv_heads * dim, row + (heads + kv_heads) * dim, kv_heads * dim * sizeof(float));
   }
-  torch::Tensor out = torch::empty({batch, heads, dim}, torch::kFloat32);
-  lean_decode_impl<float>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile, scale, out);
-  return out.view({batch, heads * dim});
+  return lean_decode_impl<float>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile)
+      .view({batch, heads * dim});
 }
 
 // In place, for float32 [T, H] rows: residual += x, then x = residual * rsqrt(mean(residual^2) + eps)
