@@ -26,6 +26,8 @@ from leanserve.engine.loader import (
 )
 from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.engine.quantize import default_quantization, quantize_model, resolve_quantization, save_quantized
+from leanserve.kernels import quant
+from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import Int4Linear, Int8Linear, LLMInt8Linear, QuantLinear, pack_int4, unpack_int4
 from tests.tiny_models import default_gguf_reader, llama_cpp_permute, make_tiny_llama_gguf
 
@@ -43,9 +45,9 @@ def activations(m: int = 7, k: int = 256, seed: int = 1) -> torch.Tensor:
 
 
 def fast_path_weight(module: QuantLinear) -> torch.Tensor:
-    """The float32 weight the CPU kernel multiplies by (its scales rounded to bfloat16)."""
+    """The float32 weight torch's CPU kernels multiply by (their scales rounded to bfloat16)."""
     if isinstance(module, Int4Linear):
-        return perplexity.bf16_scales_weight(module)
+        return module.unshifted_weight() + module.zeros().repeat_interleave(module.group_size, dim=1)
     if module.group_size is None:
         return module.weight.float() * module.scales.bfloat16().float()[:, None]
     return module.dequantize().bfloat16().float()
@@ -69,7 +71,8 @@ def unpermute(rows: np.ndarray, n_head: int) -> np.ndarray:
     lambda w: Int4Linear.from_float(w, group_size=64),
     lambda w: Int4Linear.from_float(w, group_size=128),
 ], ids=["int8", "int8-g32", "int4-g32", "int4-g64", "int4-g128"])
-def test_weight_only_forward_matches_float_reference(make) -> None:
+def test_weight_only_torch_path_matches_float_reference(make, monkeypatch) -> None:
+    monkeypatch.setattr(quant, "native_kernels", lambda: None)     # torch's kernels, as where no C++ builds
     module = make(weights())
     x = activations()
     y = module(x)
@@ -102,9 +105,10 @@ def test_int8_round_trip_error_is_at_most_half_a_step() -> None:
         assert module.weight.abs().max() == 127       # absmax maps onto the largest code
 
 
-def test_int4_zeros_are_added_exactly() -> None:
+def test_int4_zeros_are_added_exactly(monkeypatch) -> None:
     """Groups far from zero: the zero term dominates. Rounded to bfloat16 with the activations (as
-    the kernel alone would) it biases whole groups; the module adds it in float32."""
+    torch's kernel alone would) it biases whole groups; the torch path adds it in float32."""
+    monkeypatch.setattr(quant, "native_kernels", lambda: None)
     w = weights() * 0.01 + 3.0
     module = Int4Linear.from_float(w, group_size=32)
     x = activations()
@@ -115,6 +119,38 @@ def test_int4_zeros_are_added_exactly() -> None:
     zeros = module.zeros().bfloat16().float().repeat_interleave(g, dim=1)
     rounded_zeros = x.bfloat16().float() @ ((unpack_int4(module.qweight).float() - 8) * scales + zeros).t()
     assert error < 0.25 * (rounded_zeros - exact).abs().max()
+
+
+def vnni_kernels():
+    kernels = native_kernels()
+    if kernels is None or not kernels.int4_vnni_available():
+        pytest.skip("no native int4 VNNI kernel here (no C++ compiler or no AVX-512 VNNI)")
+    return kernels
+
+
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 6, 70])
+def test_int4_vnni_kernel_matches_float64_reference(group_size: int, m: int) -> None:
+    """The native path: 100 output rows (not a multiple of its 16-row tiles), 1 to 70 activation rows
+    (past its 64-row chunks), groups far from zero, a zero row and an outlier row."""
+    vnni_kernels()
+    module = Int4Linear.from_float(weights(n=100) + 0.5, group_size=group_size)
+    assert module.vnni
+    x = activations(m=m)
+    x[0, 3] = 40.0
+    if m > 1:
+        x[1] = 0.0
+    exact = x.double() @ module.dequantize().double().t()
+    y = module(x)
+    assert y.dtype == torch.float32 and y.shape == (m, 100)
+    # Activations split into two int8 parts per block of 32 keep ~16 bits: each block's error is at most
+    # max|x| / 65024 per element, a tiny fraction of bfloat16's (max|x| / 256 for the largest).
+    bound = (x.view(m, -1, 32).abs().amax(-1).double() / 65024 * 32) @ (
+        module.dequantize().double().abs().view(100, -1, 32).amax(-1).t())
+    assert ((y.double() - exact).abs() <= bound * 1.01 + 1e-6).all()
+    assert (y.double() - exact).norm() <= 1e-4 * exact.norm()
+    torch.testing.assert_close(module(x.bfloat16()), (x.bfloat16().double() @ module.dequantize().double().t())
+                               .bfloat16(), rtol=2 ** -7, atol=1e-2)
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step() -> None:
@@ -347,12 +383,12 @@ def test_perplexity_bench_on_the_tiny_model(tmp_path: Path, tiny_hf_dir: Path, c
     workload.write_text("\n".join(json.dumps({"id": str(i), "messages": [{"role": "user", "content": text}],
                                               "max_tokens": 4})
                                   for i, text in enumerate(["Hello there, how are you?", "Name three colours."])))
-    args = Namespace(model=str(tiny_hf_dir), modes="int4,float,int4-bf16-scales", workload=str(workload),
+    args = Namespace(model=str(tiny_hf_dir), modes="int4,float,int8", workload=str(workload),
                      num_prompts=2, step_batches="1,2", context=16, repeats=1, no_perplexity=False,
                      output=str(tmp_path / "out.json"))
     assert perplexity.run(args) == 0
     results = {r["mode"]: r for r in json.loads((tmp_path / "out.json").read_text())["results"]}
-    assert list(results) == ["float", "int4", "int4-bf16-scales"]
+    assert list(results) == ["float", "int4", "int8"]
     assert all(r["perplexity"] > 1 and set(r["step_ms"]) == {"1", "2"} for r in results.values())
     # A random model's text is near uniform over the 49,152-token vocabulary.
     assert 1e4 < results["float"]["perplexity"] < 1e5
@@ -369,17 +405,3 @@ def test_sequence_log_probs_equal_the_engine_logits(tiny_hf_dir: Path) -> None:
     logits, _ = engine.runner.execute(engine.scheduler.schedule())
     engine.abort_request("x")
     torch.testing.assert_close(log_probs[-1], torch.log_softmax(logits[0], -1), rtol=1e-5, atol=1e-5)
-
-
-def test_native_int4_linear_equals_the_torch_path() -> None:
-    from leanserve.kernels.cpu_kernels import native_kernels
-    kernels = native_kernels()
-    if kernels is None:
-        pytest.skip("the native CPU kernels did not build here (no C++ compiler?)")
-    module = Int4Linear.from_float(weights(), group_size=32)
-    x = activations(m=5)
-    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), module.kernel_weight, 32,
-                                                        module.kernel_scales_zeros)[:, :96].float()
-    torch_path = kernel + x.view(5, -1, 32).sum(-1) @ module.kernel_zeros
-    native = kernels.int4_linear(x, module.kernel_weight, 32, module.kernel_scales_zeros, module.kernel_zeros, 96)
-    torch.testing.assert_close(native, torch_path, rtol=1e-5, atol=1e-5)

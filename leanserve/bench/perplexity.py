@@ -7,11 +7,8 @@ perplexity = exp(mean NLL). Against the float model, per predicted token: mean K
 and how often both put the same token first. The decode step is the model's forward and
 logits for `batch` sequences of one new token each, over a `--context`-token cache.
 
-Modes: float (the checkpoint's weights in float32: a GGUF file's dequantized), int8, int4,
-llm_int8 (what `LLM(..., quantization=mode)` runs) and int4-bf16-scales: the int4 weights with
-the bfloat16-rounded scales and zeros of the CPU fast path, multiplied in float32 with float32
-activations (and a float32 LM head), which separates the cost of rounding the scales from
-that of bfloat16 activations.
+Modes: float (the checkpoint's weights in float32: a GGUF file's dequantized), int8, int4 and
+llm_int8 (what `LLM(..., quantization=mode)` runs).
 """
 from __future__ import annotations
 
@@ -22,8 +19,6 @@ import math
 import time
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from leanserve.bench.attention import timed_ms
 from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
@@ -31,45 +26,16 @@ from leanserve.engine.loader import Checkpoint, load_checkpoint
 from leanserve.engine.model_runner import ModelRunner
 from leanserve.engine.quantize import quantize_model, resolve_quantization
 from leanserve.kernels.attention import AttentionMetadata, forward_context
-from leanserve.kernels.quant import Int4Linear, QuantLinear
 
-MODES = ("float", "int8", "int4", "int4-bf16-scales", "llm_int8")
+MODES = ("float", "int8", "int4", "llm_int8")
 BLOCK_SIZE = 16
-
-
-class FloatLinear(nn.Module):
-    """y = x @ weight^T in float32, for emulating a quantized module's fast-path weights."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        super().__init__()
-        self.register_buffer("weight", weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight).to(x.dtype)
-
-
-def bf16_scales_weight(module: Int4Linear) -> torch.Tensor:
-    """The float32 weight the int4 CPU path multiplies by: (q - 8) * bf16(scale) + zero."""
-    return module.unshifted_weight() + module.zeros().repeat_interleave(module.group_size, dim=1)
-
-
-def emulate_bf16_scales(model: nn.Module) -> None:
-    """Every Int4Linear -> float32 matmul with its fast-path weight; other quantized modules -> exact float32."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear):
-            weight = bf16_scales_weight(module) if isinstance(module, Int4Linear) else module.dequantize()
-            parent, _, leaf = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, leaf, FloatLinear(weight))
 
 
 def build_runner(checkpoint: Checkpoint, mode: str, num_blocks: int, dtype: torch.dtype = torch.float32
                  ) -> ModelRunner:
-    quantization = "int4" if mode == "int4-bf16-scales" else resolve_quantization(mode, checkpoint)
-    runner = ModelRunner(checkpoint.config, checkpoint.weights, dtype, num_blocks, BLOCK_SIZE,
-                         quantize=functools.partial(quantize_model, mode=quantization, checkpoint=checkpoint))
-    if mode == "int4-bf16-scales":
-        emulate_bf16_scales(runner.model)
-    return runner
+    quantization = resolve_quantization(mode, checkpoint)
+    return ModelRunner(checkpoint.config, checkpoint.weights, dtype, num_blocks, BLOCK_SIZE,
+                       quantize=functools.partial(quantize_model, mode=quantization, checkpoint=checkpoint))
 
 
 def _metadata(runner: ModelRunner, query_lens: list[int], context_lens: list[int]) -> AttentionMetadata:

@@ -12,21 +12,21 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("cpu") / "kernels.cpp"
+SOURCES = [Path(__file__).with_name("cpu") / name for name in ("kernels.cpp", "int4_vnni.cpp")]
 
 
 @functools.cache
 def native_kernels():
     """The compiled module (`lean_attention_decode`, `decode_attention_step`, `fused_add_rms_norm`,
-    `int4_linear`), or None."""
+    `int4_vnni_*`), or None."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
-        return load_inline(name="leanserve_cpu_kernels", cpp_sources=[SOURCE.read_text()],
+        return load_inline(name="leanserve_cpu_kernels", cpp_sources=[source.read_text() for source in SOURCES],
                            functions=["lean_attention_decode", "decode_attention_step", "fused_add_rms_norm",
-                                      "int4_linear"],
+                                      "int4_vnni_available", "int4_vnni_pack", "int4_vnni_linear"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("native CPU kernels unavailable (%s: %s); using the torch versions",

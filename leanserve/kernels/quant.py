@@ -17,7 +17,8 @@ LLMInt8Linear  LLM.int8(): int8 weight per output channel ("column-wise" of W^T)
                go through a float matmul instead.
 
 The buffers above are the stored format: `dequantize()` turns them into the exact
-float32 weights and `state_dict()` saves them. The CPU fast path uses torch's
+float32 weights and `state_dict()` saves them. int4's CPU path is a native kernel
+where it builds (see Int4Linear); the other CPU fast paths use torch's
 weight-only kernels, which run an order of magnitude faster on bfloat16
 activations than on float32 ones, so activations are cast to bfloat16 for the
 kernel and the result back to the caller's dtype; the kernels also want their
@@ -197,13 +198,16 @@ def _check_group(in_features: int, group_size: int) -> int:
 class Int4Linear(QuantLinear):
     """int4 weight-only, group-wise along K: W = q * scale + min per group (q in 0..15).
 
-    CPU path: `_weight_int4pack_mm_for_cpu` on its own packing of q computes
-    (q - 8) * scale with bfloat16 scales; the zero term (zero = min + 8 * scale, per
-    group) is added in float32 as x's group sums times the zeros, a small matmul, since
-    rounding the zeros to bfloat16 biases whole groups (on the default model, 64 prompts:
-    +0.45% perplexity against float32 with rounded zeros, -0.17% with exact ones).
-    That is the path for up to DENSE_ROWS rows (decode; one native call where the C++
-    kernels build); more rows multiply a dense bfloat16 copy of (q - 8) * scale instead.
+    CPU path, where the native kernels build with AVX-512 VNNI: `int4_vnni_linear`
+    (leanserve/kernels/cpu/int4_vnni.cpp) on its own packing, float32 scales and mins,
+    activations split into two int8 parts per block of 32 (about 16 bits): within ~1e-5 of
+    float32 on the exact weights, for every batch size. Otherwise torch's kernels:
+    `_weight_int4pack_mm_for_cpu` on its own packing of q computes (q - 8) * scale with
+    bfloat16 scales and activations; the zero term (zero = min + 8 * scale, per group) is
+    added in float32 as x's group sums times the zeros, since rounding the zeros to bfloat16
+    biases whole groups (on the default model, 64 prompts: +0.45% perplexity against
+    float32 with rounded zeros, -0.17% with exact ones). That is for up to DENSE_ROWS rows;
+    more rows multiply a dense bfloat16 copy of (q - 8) * scale instead.
     """
 
     format = "int4"
@@ -220,7 +224,15 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous())
-        if qweight.device.type == "cpu":
+        kernels = native_kernels()
+        self.vnni = qweight.device.type == "cpu" and kernels is not None and kernels.int4_vnni_available()
+        if self.vnni:
+            # The native kernel's own packing; its scales and mins stay float32 (exact).
+            packed, scales, mins = kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins)
+            self.register_buffer("kernel_packed", packed, persistent=False)
+            self.register_buffer("kernel_scales", scales, persistent=False)
+            self.register_buffer("kernel_mins", mins, persistent=False)
+        elif qweight.device.type == "cpu":
             # The CPU kernel packs 16 output channels at a time: pad N with zero rows.
             pad = -out_features % 16
             q = F.pad(unpack_int4(self.qweight).to(torch.int32), (0, 0, 0, pad))
@@ -285,9 +297,9 @@ class Int4Linear(QuantLinear):
         return q * self.scales[rows].float().repeat_interleave(g, dim=1) + self.mins[rows].float().repeat_interleave(g, dim=1)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= DENSE_ROWS and (kernels := native_kernels()) is not None:     # the same, in one call
-            return kernels.int4_linear(x, self.kernel_weight, self.group_size, self.kernel_scales_zeros,
-                                       self.kernel_zeros, self.out_features)
+        if self.vnni:
+            return native_kernels().int4_vnni_linear(x, self.kernel_packed, self.kernel_scales, self.kernel_mins,
+                                                     self.group_size, self.out_features)
         a = _rows(x, self.in_features)
         if a.shape[0] > DENSE_ROWS:
             y = F.linear(a, self.kernel_dense)
