@@ -225,13 +225,13 @@ class Int4Linear(QuantLinear):
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous())
         kernels = native_kernels()
-        self.vnni = qweight.device.type == "cpu" and kernels is not None and kernels.int4_vnni_available()
+        self.vnni = (qweight.device.type == "cpu" and kernels is not None and kernels.int4_vnni_available()
+                     and all(torch.equal(t.half().to(t.dtype), t) for t in (self.scales, self.mins)))
         if self.vnni:
-            # The native kernel's own packing; its scales and mins stay float32 (exact).
-            packed, scales, mins = kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins)
+            # The native kernel's own packing, with the scales and mins as float16 (exact: checked above).
+            packed, scales_mins = kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins)
             self.register_buffer("kernel_packed", packed, persistent=False)
-            self.register_buffer("kernel_scales", scales, persistent=False)
-            self.register_buffer("kernel_mins", mins, persistent=False)
+            self.register_buffer("kernel_scales_mins", scales_mins, persistent=False)
         elif qweight.device.type == "cpu":
             # The CPU kernel packs 16 output channels at a time: pad N with zero rows.
             pad = -out_features % 16
@@ -260,14 +260,15 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Linear:
-        """Asymmetric min/max per group: scale = (max - min) / 15, min = the group's min (float32)."""
+        """Asymmetric min/max per group: min = the group's min, scale = (max - min) / 15, both stored as
+        float16 (as GGUF Q4_1 stores them) and q rounded against the stored values."""
         w = weight.detach().float()
         n, k = w.shape
         groups = w.view(n, k // _check_group(k, group_size), group_size)
-        low, high = groups.amin(dim=-1), groups.amax(dim=-1)
-        scales = (high - low) / 15
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        q = torch.round((groups - low[..., None]) / safe[..., None]).clamp(0, 15).view(n, k)
+        low = groups.amin(dim=-1).half()
+        scales = ((groups.amax(dim=-1) - low.float()) / 15).half()
+        safe = torch.where(scales > 0, scales.float(), torch.ones_like(scales, dtype=torch.float32))
+        q = torch.round((groups - low.float()[..., None]) / safe[..., None]).clamp(0, 15).view(n, k)
         return cls(pack_int4(q), scales, low)
 
     @classmethod
@@ -298,8 +299,8 @@ class Int4Linear(QuantLinear):
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.vnni:
-            return native_kernels().int4_vnni_linear(x, self.kernel_packed, self.kernel_scales, self.kernel_mins,
-                                                     self.group_size, self.out_features)
+            return native_kernels().int4_vnni_linear(x, self.kernel_packed, self.kernel_scales_mins, self.group_size,
+                                                     self.out_features)
         a = _rows(x, self.in_features)
         if a.shape[0] > DENSE_ROWS:
             y = F.linear(a, self.kernel_dense)

@@ -62,7 +62,7 @@ inline void block_rows(const __m512i* q, __m512 scale, __m512 min, const int8_t*
 }
 
 // Tile t times `rows` (at most kRowChunk) rows of quantized activations (xq, xs), into y [rows, N].
-inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const float* scales, const float* mins,
+inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const at::Half* scales_mins,
                       const int8_t* xq, const float* xs, int64_t in_features, int64_t group, int64_t out_features,
                       float* y) {
   const int64_t blocks = in_features / kBlock, groups = in_features / group;
@@ -79,7 +79,9 @@ inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const floa
       q[v + 4] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), nibble);
     }
     const int64_t g = (t * groups + b * kBlock / group) * kTile;
-    const __m512 scale = _mm512_loadu_ps(scales + g), min = _mm512_loadu_ps(mins + g);
+    const at::Half* sm = scales_mins + 2 * g;
+    const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm)));
+    const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + kTile)));
     int64_t m = 0;
     for (; m + 4 <= rows; m += 4) block_rows<4>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
     for (; m < rows; ++m) block_rows<1>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
@@ -100,8 +102,9 @@ bool int4_vnni_available() {
 #endif
 }
 
-// q uint8 [N, K] (values 0..15), scales and mins float [N, K / G] -> (packed uint8
-// [ceil(N / 16), K / 32, 256], scales and mins float32 [ceil(N / 16), K / G, 16]); padded rows are 0.
+// q uint8 [N, K] (values 0..15), scales and mins [N, K / G] (float16 values) -> packed uint8
+// [ceil(N / 16), K / 32, 256] and float16 [ceil(N / 16), K / G, 2, 16]: a tile's 16 scales, then
+// its 16 mins, one cache line per group. Padded rows are 0.
 std::vector<torch::Tensor> int4_vnni_pack(torch::Tensor q, torch::Tensor scales, torch::Tensor mins) {
   const int64_t n = q.size(0), k = q.size(1), groups = scales.size(1);
   TORCH_CHECK(q.scalar_type() == torch::kUInt8 && k % kBlock == 0, "q must be uint8 [N, K], K a multiple of 32");
@@ -110,14 +113,13 @@ std::vector<torch::Tensor> int4_vnni_pack(torch::Tensor q, torch::Tensor scales,
   // [T, 16 rows i, blocks, half, v, j] -> [T, blocks, v, i, j, half]
   torch::Tensor q6 = pad_rows(q).view({tiles, kTile, k / kBlock, 2, 4, 4}).permute({0, 2, 4, 1, 5, 3});
   torch::Tensor packed = (q6.select(-1, 0) | q6.select(-1, 1) * 16).contiguous().view({tiles, k / kBlock, 256});
-  auto tile_major = [&](torch::Tensor t) {
-    return pad_rows(t.to(torch::kFloat32)).view({tiles, kTile, groups}).permute({0, 2, 1}).contiguous();
-  };
-  return {packed, tile_major(scales), tile_major(mins)};
+  torch::Tensor scales_mins = torch::stack({scales.to(torch::kHalf), mins.to(torch::kHalf)}, 0);  // [2, N, G]
+  scales_mins = pad_rows(scales_mins).view({2, tiles, kTile, groups});
+  return {packed, scales_mins.permute({1, 3, 0, 2}).contiguous()};
 }
 
-torch::Tensor int4_vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales, torch::Tensor mins,
-                               int64_t group, int64_t out_features) {
+torch::Tensor int4_vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor scales_mins, int64_t group,
+                               int64_t out_features) {
 #ifndef LEANSERVE_INT4_VNNI
   TORCH_CHECK(false, "int4_vnni_linear needs AVX-512 VNNI");
 #else
@@ -125,7 +127,7 @@ torch::Tensor int4_vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Ten
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(2) == 256, "bad shapes");
   const int64_t rows = x.size(0), in_features = x.size(1), blocks = in_features / kBlock;
   const int64_t tiles = packed.size(0), groups = in_features / group;
-  TORCH_CHECK(packed.size(1) == blocks && group % kBlock == 0 && scales.size(1) == groups &&
+  TORCH_CHECK(packed.size(1) == blocks && group % kBlock == 0 && scales_mins.size(1) == groups &&
               tiles * kTile >= out_features, "weight does not fit x");
 
   // Activations -> int8 hi and lo parts, per-block scale and float sum.
@@ -157,14 +159,13 @@ torch::Tensor int4_vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Ten
   torch::Tensor y = torch::empty({rows, out_features}, torch::kFloat32);
   float* yd = y.data_ptr<float>();
   const uint8_t* pd = packed.data_ptr<uint8_t>();
-  const float* sd = scales.data_ptr<float>();
-  const float* md = mins.data_ptr<float>();
+  const at::Half* smd = scales_mins.data_ptr<at::Half>();
   // Row chunks keep their activations in cache while every tile passes over them.
   for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
     const int64_t chunk = std::min(kRowChunk, rows - m0);
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t)
-        tile_rows(t, chunk, pd, sd, md, xqd + m0 * 2 * in_features, xsd + m0 * blocks * 2, in_features, group,
+        tile_rows(t, chunk, pd, smd, xqd + m0 * 2 * in_features, xsd + m0 * blocks * 2, in_features, group,
                   out_features, yd + m0 * out_features);
     });
   }
