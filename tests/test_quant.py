@@ -121,36 +121,37 @@ def test_int4_zeros_are_added_exactly(monkeypatch) -> None:
     assert error < 0.25 * (rounded_zeros - exact).abs().max()
 
 
-def vnni_kernels():
-    kernels = native_kernels()
-    if kernels is None or not kernels.int4_vnni_available():
-        pytest.skip("no native int4 VNNI kernel here (no C++ compiler or no AVX-512 VNNI)")
-    return kernels
-
-
-@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("make", [
+    lambda w: Int4Linear.from_float(w, group_size=32),
+    lambda w: Int4Linear.from_float(w, group_size=64),
+    lambda w: Int4Linear.from_float(w, group_size=128),
+    lambda w: Int8Linear.from_float(w, group_size=32),
+    lambda w: Int8Linear.from_float(w, group_size=64),
+], ids=["int4-g32", "int4-g64", "int4-g128", "int8-g32", "int8-g64"])
 @pytest.mark.parametrize("m", [1, 6, 70])
-def test_int4_vnni_kernel_matches_float64_reference(group_size: int, m: int) -> None:
+def test_vnni_kernel_matches_float64_reference(make, m: int) -> None:
     """The native path: 100 output rows (not a multiple of its 16-row tiles), 1 to 70 activation rows
-    (past its 64-row chunks), groups far from zero, a zero row and an outlier row."""
-    vnni_kernels()
-    module = Int4Linear.from_float(weights(n=100) + 0.5, group_size=group_size)
+    (past its 64-row chunks), weights far from zero, a zero row and an outlier row."""
+    kernels = native_kernels()
+    if kernels is None or not kernels.vnni_available():
+        pytest.skip("no native VNNI kernel here (no C++ compiler or no AVX-512 VNNI)")
+    module = make(weights(n=100) + 0.5)
     assert module.vnni
     x = activations(m=m)
     x[0, 3] = 40.0
     if m > 1:
         x[1] = 0.0
-    exact = x.double() @ module.dequantize().double().t()
+    w = module.dequantize().double()
+    exact = x.double() @ w.t()
     y = module(x)
     assert y.dtype == torch.float32 and y.shape == (m, 100)
-    # Activations split into two int8 parts per block of 32 keep ~16 bits: each block's error is at most
-    # max|x| / 65024 per element, a tiny fraction of bfloat16's (max|x| / 256 for the largest).
-    bound = (x.view(m, -1, 32).abs().amax(-1).double() / 65024 * 32) @ (
-        module.dequantize().double().abs().view(100, -1, 32).amax(-1).t())
+    # Activations split into two int8 parts per block of 32 keep ~16 bits: each element is off by at most
+    # its block's max|x| / 65024 (bfloat16: up to max|x| / 256).
+    bound = (x.view(m, -1, 32).abs().amax(-1).double() / 65024 * 32) @ w.abs().view(100, -1, 32).amax(-1).t()
     assert ((y.double() - exact).abs() <= bound * 1.01 + 1e-6).all()
     assert (y.double() - exact).norm() <= 1e-4 * exact.norm()
-    torch.testing.assert_close(module(x.bfloat16()), (x.bfloat16().double() @ module.dequantize().double().t())
-                               .bfloat16(), rtol=2 ** -7, atol=1e-2)
+    torch.testing.assert_close(module(x.bfloat16()), (x.bfloat16().double() @ w.t()).bfloat16(),
+                               rtol=2 ** -7, atol=1e-2)
 
 
 def test_int4_round_trip_error_is_at_most_half_a_step() -> None:
@@ -276,20 +277,31 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
             assert np.array_equal(module.dequantize().numpy(), np.concatenate(blocks))
 
 
-def test_quantized_head_rescores_its_top_logits_exactly(tmp_path: Path, tiny_hf_dir: Path) -> None:
+@pytest.mark.parametrize("native", [True, False], ids=["vnni", "torch"])
+def test_quantized_head_logits_are_exact_at_the_top(tmp_path: Path, tiny_hf_dir: Path, native: bool,
+                                                     monkeypatch) -> None:
+    """The VNNI kernel's logits are float32-close everywhere; torch's kernels round them to bfloat16,
+    so the model rescores the top candidates with their exact weight rows."""
+    if not native:
+        monkeypatch.setattr(quant, "native_kernels", lambda: None)
     path = make_tiny_llama_gguf(tmp_path / "tiny-q8_0.gguf", tiny_hf_dir, Q.Q8_0, tokenizer=False)
     checkpoint = _tiny_gguf_checkpoint(path)
     model = LlamaForCausalLM(checkpoint.config, backend=None)
     model.load_weights(checkpoint.weights)
     quantize_model(model, "int4", checkpoint)
+    if native and not model.lm_head.vnni:
+        pytest.skip("no native VNNI kernel here")
     hidden = torch.randn(3, checkpoint.config.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
     logits = model.compute_logits(hidden)
     exact = model.norm(hidden) @ model.lm_head.dequantize().t()          # float32, the head's exact weight
     top = exact.topk(8, dim=-1)
     torch.testing.assert_close(logits.gather(1, top.indices), top.values, rtol=1e-5, atol=1e-5)
     assert torch.equal(logits.argmax(-1), exact.argmax(-1))
-    rounded = model.lm_head(model.norm(hidden)).float()                  # what the kernel alone returns
-    assert (rounded.gather(1, top.indices) - top.values).abs().max() > 1e-4
+    if native:
+        torch.testing.assert_close(logits, exact, rtol=1e-4, atol=1e-4)    # bfloat16 logits: ~1e-2
+    else:
+        rounded = model.lm_head(model.norm(hidden)).float()              # what torch's kernel alone returns
+        assert (rounded.gather(1, top.indices) - top.values).abs().max() > 1e-4
 
 
 def test_block_rows_are_unpermuted_like_the_float_tensor(tmp_path: Path, tiny_hf_dir: Path) -> None:

@@ -66,19 +66,41 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, k).to(KERNEL_DTYPE).contiguous()
 
 
+def vnni_kernels(weight: torch.Tensor, *scales: torch.Tensor):
+    """The native kernels, if they multiply by VNNI here and can take this weight: on the CPU, with
+    scales (and mins) whose values are exactly float16 (GGUF's are)."""
+    kernels = native_kernels()
+    if weight.device.type != "cpu" or kernels is None or not kernels.vnni_available():
+        return None
+    return kernels if all(torch.equal(t.half().to(t.dtype), t) for t in scales) else None
+
+
 class QuantLinear(nn.Module):
-    """Shared shape, device dispatch and repr of the quantized linears (no bias: Llama has none)."""
+    """Shared shape, device dispatch and repr of the quantized linears (no bias: Llama has none).
+
+    `vnni`: the CPU path is the native VNNI kernel (leanserve/kernels/cpu/vnni_linear.cpp) on the
+    `kernel_packed` and `kernel_scales_mins` buffers, within ~1e-5 of float32 on the exact weights for
+    every batch size; otherwise the class's `cpu_forward`.
+    """
 
     format: ClassVar[str]
     gpu_kernel: ClassVar[Callable[[QuantLinear, torch.Tensor], torch.Tensor] | None] = None
+    vnni = False
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
 
+    def use_vnni(self, packed: list[torch.Tensor]) -> None:
+        self.vnni = True
+        self.register_buffer("kernel_packed", packed[0], persistent=False)
+        self.register_buffer("kernel_scales_mins", packed[1], persistent=False)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            y = self.cpu_forward(x if x.dim() == 2 else x.reshape(-1, self.in_features))
+            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+            y = (native_kernels().vnni_linear(x2, self.kernel_packed, self.kernel_scales_mins, self.group_size,
+                                              self.out_features) if self.vnni else self.cpu_forward(x2))
             if y.dtype == x.dtype and x.dim() == 2:          # the decode path: no more ops than needed
                 return y
         elif type(self).gpu_kernel is not None:
@@ -104,9 +126,10 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """int8 weight-only, symmetric, per output channel (or group-wise along K, as GGUF Q8_0).
 
-    Per channel, the CPU path is `_weight_int8pack_mm`. Group-wise scales have no torch
-    kernel (one call per group is 4x slower than a bfloat16 matmul at batch 32), so the
-    group-wise path multiplies by a bfloat16 copy of the dequantized weight made at load.
+    Per channel, the CPU path is `_weight_int8pack_mm`. Group-wise, it is the native VNNI
+    kernel where it runs (see QuantLinear); torch has no group-wise kernel (one call per
+    group is 4x slower than a bfloat16 matmul at batch 32), so otherwise the group-wise path
+    multiplies by a bfloat16 copy of the dequantized weight made at load.
     """
 
     format = "int8"
@@ -128,7 +151,10 @@ class Int8Linear(QuantLinear):
             self.group_size = in_features // groups
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales.contiguous())
-        if weight.device.type == "cpu":
+        kernels = vnni_kernels(weight, scales) if self.group_size is not None else None
+        if kernels is not None:
+            self.use_vnni(kernels.int8_vnni_pack(self.weight, self.scales))
+        elif weight.device.type == "cpu":
             if self.group_size is None:
                 self.register_buffer("kernel_scales", scales.to(KERNEL_DTYPE), persistent=False)
             else:
@@ -138,13 +164,16 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int | None = None) -> Int8Linear:
-        """Round to nearest with scale = absmax / 127, per output channel or per group of K."""
+        """Round to nearest with scale = absmax / 127, per output channel or per group of K; group scales
+        are stored as float16 (as GGUF Q8_0 stores them) and the weights rounded against them."""
         w = weight.detach().float()
         n, k = w.shape
         groups = w if group_size is None else w.view(n, k // _check_group(k, group_size), group_size)
         absmax = groups.abs().amax(dim=-1)
         scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        q = torch.round(groups / scales[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+        if group_size is not None:
+            scales = scales.half()
+        q = torch.round(groups / scales.float()[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
         return cls(q, scales)
 
     @classmethod
@@ -224,14 +253,9 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous())
-        kernels = native_kernels()
-        self.vnni = (qweight.device.type == "cpu" and kernels is not None and kernels.int4_vnni_available()
-                     and all(torch.equal(t.half().to(t.dtype), t) for t in (self.scales, self.mins)))
-        if self.vnni:
-            # The native kernel's own packing, with the scales and mins as float16 (exact: checked above).
-            packed, scales_mins = kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins)
-            self.register_buffer("kernel_packed", packed, persistent=False)
-            self.register_buffer("kernel_scales_mins", scales_mins, persistent=False)
+        kernels = vnni_kernels(qweight, self.scales, self.mins)
+        if kernels is not None:
+            self.use_vnni(kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins))
         elif qweight.device.type == "cpu":
             # The CPU kernel packs 16 output channels at a time: pad N with zero rows.
             pad = -out_features % 16
@@ -298,9 +322,6 @@ class Int4Linear(QuantLinear):
         return q * self.scales[rows].float().repeat_interleave(g, dim=1) + self.mins[rows].float().repeat_interleave(g, dim=1)
 
     def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.vnni:
-            return native_kernels().int4_vnni_linear(x, self.kernel_packed, self.kernel_scales_mins, self.group_size,
-                                                     self.out_features)
         a = _rows(x, self.in_features)
         if a.shape[0] > DENSE_ROWS:
             y = F.linear(a, self.kernel_dense)

@@ -167,9 +167,9 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden)
         logits = self.lm_head(x).float()
-        if isinstance(self.lm_head, QuantLinear):
-            # A quantized head's CPU kernel rounds logits to bfloat16 (about 3 digits), which ties or swaps
-            # near-equal candidates: the top ones are rescored in float32 with their exact weight rows.
+        if isinstance(self.lm_head, QuantLinear) and not self.lm_head.vnni:
+            # torch's CPU kernels round a quantized head's logits to bfloat16 (about 3 digits), which ties or
+            # swaps near-equal candidates: the top ones are rescored in float32 with their exact weight rows.
             top = logits.topk(min(RESCORED_CANDIDATES, logits.shape[-1]), dim=-1).indices        # [B, k]
             rows = self.lm_head.dequantize(top.flatten()).view(*top.shape, -1)                  # [B, k, H]
             logits.scatter_(-1, top, torch.einsum("bh,bkh->bk", x.float(), rows))
