@@ -28,11 +28,13 @@ def reference(q, keys, values):
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
+@pytest.mark.parametrize("cache_dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
 @pytest.mark.parametrize("block_size,num_kv,group,tile", [(16, 3, 3, 128), (4, 2, 1, 8), (8, 1, 8, 16)])
-def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, native):
+def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, cache_dtype, tolerance, native):
+    """float32 queries over a float32 or float16 cache (the reference: float64 on unrounded keys)."""
     torch.manual_seed(0)
     d, num_blocks = 32, 200
-    k_cache = torch.zeros(num_blocks, block_size, num_kv, d)
+    k_cache = torch.zeros(num_blocks, block_size, num_kv, d, dtype=cache_dtype)
     v_cache = torch.zeros_like(k_cache)
     # (cached tokens before this step, new tokens): fresh prompts, a chunk after a prefix, decodes.
     shapes = [(0, 37), (0, 1), (20, 9), (5, 1), (63, 1), (1, 1), (130, 1), (0, 3)]
@@ -62,13 +64,13 @@ def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, native):
     for i, (q, fk, fv) in enumerate(zip(q_parts, full_k, full_v)):
         expected = reference(q, fk, fv)
         got = out[starts[i]:starts[i] + q.shape[0]].double()
-        assert (got - expected).abs().max() / expected.abs().max() < 1e-5, f"sequence {i} {shapes[i]}"
+        assert (got - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {i} {shapes[i]}"
     # Every new token's keys and values landed in its own slot.
     flat_k = k_cache.view(-1, num_kv, d)
-    assert torch.equal(flat_k[torch.tensor(slots)], torch.cat(k_parts))
+    assert torch.equal(flat_k[torch.tensor(slots)], torch.cat(k_parts).to(cache_dtype))
 
 
-@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("block_size,group,head_dim,tile", [
     (16, 1, 64, 128), (32, 3, 64, 40), (16, 8, 128, 100), (32, 3, 128, 2048)])
 def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, group, head_dim, tile):
@@ -96,7 +98,8 @@ def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, gro
         assert (out[b].double() - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {b}"
 
 
-def test_native_decode_step_equals_rotary_cache_write_and_attention():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_native_decode_step_equals_rotary_cache_write_and_attention(cache_dtype):
     """The fused decode step against the unfused path it replaces (rotate, write the cache, attend)."""
     from leanserve.engine.models.llama import rotate
 
@@ -105,8 +108,8 @@ def test_native_decode_step_equals_rotary_cache_write_and_attention():
     heads, kv_heads, d, block_size = 6, 2, 32, 16
     contexts = [1, 40, 130]
     num_blocks = sum(-(-c // block_size) for c in contexts) + 1
-    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
-    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(cache_dtype)
     order = list(range(1, num_blocks))
     tables = [[order.pop() for _ in range(-(-c // block_size))] for c in contexts]
     slots = [tables[b][(c - 1) // block_size] * block_size + (c - 1) % block_size for b, c in enumerate(contexts)]

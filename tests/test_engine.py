@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from leanserve import LLM, SamplingParams
+from leanserve.engine.engine_config import EngineConfig
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -62,6 +63,17 @@ def test_bfloat16_logits_stay_close_to_float32(tiny_hf_dir, tiny_llm):
     full = tiny_llm.generate([prompt], ask, use_tqdm=False)[0].outputs[0].logprobs[0]
     half = bf16.generate([prompt], ask, use_tqdm=False)[0].outputs[0].logprobs[0]
     assert abs(full.logprob - dict(half.top).get(full.token_id, -99.0)) < 0.1
+
+
+def test_kv_cache_dtype_defaults_and_refusals(tiny_llm):
+    assert tiny_llm.engine.runner.k_cache.dtype == torch.float16          # float32 model on the CPU
+    assert EngineConfig(dtype="bfloat16").kv_cache_torch_dtype == torch.bfloat16
+    assert EngineConfig(kv_cache_dtype="float32").kv_cache_torch_dtype == torch.float32
+    assert EngineConfig(attention_backend="triton").kv_cache_torch_dtype == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype must be"):
+        EngineConfig(kv_cache_dtype="int8")
+    with pytest.raises(ValueError, match="CPU .torch. attention backend"):
+        EngineConfig(kv_cache_dtype="float16", attention_backend="triton")
 
 
 def test_generate_takes_strings_and_ids_and_keeps_order(tiny_llm):

@@ -33,8 +33,9 @@ def conversations() -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def llm():
-    # float32 weights (the Q4 file dequantized), as transformers loads them: the int4 default computes in bfloat16.
-    return LLM("smollm2", dtype="float32", quantization="float", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+    # float32 weights (the Q4 file dequantized) and KV cache, as transformers runs them.
+    return LLM("smollm2", dtype="float32", quantization="float", kv_cache_dtype="float32", kv_cache_tokens=16384,
+               max_num_batched_tokens=2048)
 
 
 @pytest.fixture(scope="module")
@@ -66,14 +67,27 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return tokens
 
 
-def test_batched_chat_equals_transformers_greedy(llm, hf_model, prompt_ids):
+@pytest.fixture(scope="module")
+def hf_tokens(hf_model, prompt_ids):
+    return [hf_greedy(hf_model, ids) for ids in prompt_ids]
+
+
+def test_batched_chat_equals_transformers_greedy(llm, hf_tokens, prompt_ids):
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
     outputs = llm.chat(conversations(), params, use_tqdm=False)
     assert [o.prompt_token_ids for o in outputs] == prompt_ids
-    for ids, output in zip(prompt_ids, outputs):
-        expected = hf_greedy(hf_model, ids)
+    for ids, output, expected in zip(prompt_ids, outputs, hf_tokens):
         assert output.outputs[0].token_ids == expected, f"prompt of {len(ids)} tokens"
         assert output.outputs[0].finish_reason == "length"
+
+
+def test_float16_kv_cache_keeps_transformers_greedy(hf_tokens, prompt_ids):
+    """The CPU default for a float32 model caches keys and values in float16 (about 3.3 digits)."""
+    llm = LLM("smollm2", dtype="float32", quantization="float", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+    assert llm.engine.runner.k_cache.dtype == torch.float16
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompt_ids, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in outputs] == hf_tokens
 
 
 def test_each_prompt_alone_equals_the_batch(llm, prompt_ids):

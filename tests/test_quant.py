@@ -396,7 +396,7 @@ def test_perplexity_bench_on_the_tiny_model(tmp_path: Path, tiny_hf_dir: Path, c
                                               "max_tokens": 4})
                                   for i, text in enumerate(["Hello there, how are you?", "Name three colours."])))
     args = Namespace(model=str(tiny_hf_dir), modes="int4,float,int8", workload=str(workload),
-                     num_prompts=2, step_batches="1,2", context=16, repeats=1, no_perplexity=False,
+                     num_prompts=2, step_batches="1,2", context=16, kv_cache_dtype="auto", repeats=1, no_perplexity=False,
                      output=str(tmp_path / "out.json"))
     assert perplexity.run(args) == 0
     results = {r["mode"]: r for r in json.loads((tmp_path / "out.json").read_text())["results"]}

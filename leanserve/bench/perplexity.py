@@ -22,6 +22,7 @@ import torch
 
 from leanserve.bench.attention import timed_ms
 from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
+from leanserve.engine.engine_config import KV_CACHE_DTYPES, EngineConfig
 from leanserve.engine.loader import Checkpoint, load_checkpoint
 from leanserve.engine.model_runner import ModelRunner
 from leanserve.engine.quantize import quantize_model, resolve_quantization
@@ -31,11 +32,12 @@ MODES = ("float", "int8", "int4", "llm_int8")
 BLOCK_SIZE = 16
 
 
-def build_runner(checkpoint: Checkpoint, mode: str, num_blocks: int, dtype: torch.dtype = torch.float32
-                 ) -> ModelRunner:
+def build_runner(checkpoint: Checkpoint, mode: str, num_blocks: int, kv_cache_dtype: str = "auto") -> ModelRunner:
+    """A float32 runner of `mode`, its KV cache as the engine would make it."""
     quantization = resolve_quantization(mode, checkpoint)
-    return ModelRunner(checkpoint.config, checkpoint.weights, dtype, num_blocks, BLOCK_SIZE,
-                       quantize=functools.partial(quantize_model, mode=quantization, checkpoint=checkpoint))
+    return ModelRunner(checkpoint.config, checkpoint.weights, torch.float32, num_blocks, BLOCK_SIZE,
+                       quantize=functools.partial(quantize_model, mode=quantization, checkpoint=checkpoint),
+                       kv_cache_dtype=EngineConfig(kv_cache_dtype=kv_cache_dtype).kv_cache_torch_dtype)
 
 
 def _metadata(runner: ModelRunner, query_lens: list[int], context_lens: list[int]) -> AttentionMetadata:
@@ -92,6 +94,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=64, help="prompts of the workload the text is made of")
     parser.add_argument("--step-batches", default="1,8,32", help="decode batch sizes to time ('' for none)")
     parser.add_argument("--context", type=int, default=256, help="cached tokens of each sequence in a decode step")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", *sorted(KV_CACHE_DTYPES)],
+                        help="KV-cache element type of the decode steps (auto: the engine's default)")
     parser.add_argument("--repeats", type=int, default=10, help="timed decode steps per batch size")
     parser.add_argument("--no-perplexity", action="store_true", help="time decode steps only")
     parser.add_argument("--output", help="write the results as JSON here")
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
     num_blocks = max(-(-longest // BLOCK_SIZE), max(batches, default=0) * -(-(args.context + 1) // BLOCK_SIZE), 1)
     print(f"{args.model}: {len(prompts)} prompts, {num_tokens} predicted tokens; decode steps over "
           f"{args.context} cached tokens; {torch.get_num_threads()} threads", flush=True)
-    runners = {mode: build_runner(checkpoint, mode, num_blocks) for mode in modes}
+    runners = {mode: build_runner(checkpoint, mode, num_blocks, args.kv_cache_dtype) for mode in modes}
     rows = {mode: {"mode": mode, "nll": 0.0, "kl": 0.0, "agree": 0, "prefill_s": 0.0} for mode in modes}
     for ids in prompts:
         targets = torch.tensor(ids[1:])[:, None]

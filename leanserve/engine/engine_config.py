@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 QUANTIZATION_CHOICES = ("int8", "int4", "llm_int8", "float")   # weight formats (leanserve.engine.quantize)
 
 
@@ -25,6 +26,7 @@ class EngineConfig:
     device: str = "cpu"                    # "cuda" runs the model and cache on the GPU
     attention_backend: str = "auto"        # "torch" (CPU), "triton" (GPU; interpreter on the CPU), "auto"
     quantization: str | None = None       # "int8", "int4", "llm_int8", "float"; None: the checkpoint's choice
+    kv_cache_dtype: str = "auto"           # "float32", "float16", "bfloat16"; "auto": see kv_cache_torch_dtype
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -45,9 +47,25 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_CHOICES:
             raise ValueError(f"quantization must be None or one of {list(QUANTIZATION_CHOICES)}, "
                              f"got {self.quantization!r}")
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be 'auto' or one of {sorted(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype not in ("auto", self.dtype) and (self.device != "cpu" or self.attention_backend == "triton"):
+            raise ValueError("a KV-cache dtype other than the model's needs the CPU (torch) attention backend")
         if not 0.0 < self.kv_cache_memory_fraction < 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1), got {self.kv_cache_memory_fraction}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    @property
+    def kv_cache_torch_dtype(self) -> torch.dtype:
+        """"auto": float16 for a float32 model on the CPU attention backend (half the bytes each decode
+        step reads, as llama.cpp's default f16 cache; attention still computes in float32), else the
+        model's dtype."""
+        if self.kv_cache_dtype != "auto":
+            return KV_CACHE_DTYPES[self.kv_cache_dtype]
+        if self.dtype == "float32" and self.device == "cpu" and self.attention_backend != "triton":
+            return torch.float16
+        return self.torch_dtype

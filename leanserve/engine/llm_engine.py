@@ -59,7 +59,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_config, checkpoint.weights, config.torch_dtype, num_blocks,
                                   config.block_size, config.device, config.attention_backend,
                                   quantize=functools.partial(quantize_model, mode=self.quantization,
-                                                             checkpoint=checkpoint, device=config.device))
+                                                             checkpoint=checkpoint, device=config.device),
+                                  kv_cache_dtype=config.kv_cache_torch_dtype)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
@@ -67,19 +68,20 @@ class LLMEngine:
         self._groups: dict[str, _Group] = {}
         self._group_of: dict[str, _Group] = {}
         kv_tokens = num_blocks * config.block_size
-        log.info("loaded %s (%s, %d layers, %s, %s weights); KV cache %d tokens in %d blocks of %d",
+        kv_dtype = config.kv_cache_torch_dtype
+        log.info("loaded %s (%s, %d layers, %s, %s weights); KV cache %d tokens in %d blocks of %d, %s",
                  checkpoint.path, self.model_config.architecture, self.model_config.num_hidden_layers,
-                 config.dtype, self.quantization, kv_tokens, num_blocks, config.block_size,
+                 config.dtype, self.quantization, kv_tokens, num_blocks, config.block_size, str(kv_dtype)[6:],
                  extra={"model_path": str(checkpoint.path), "dtype": config.dtype, "quantization": self.quantization,
-                        "max_model_len": self.max_model_len,
+                        "max_model_len": self.max_model_len, "kv_cache_dtype": str(kv_dtype)[6:],
                         "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
-                            kv_tokens * kv_bytes_per_token(self.model_config, config.torch_dtype) / 2**30, 2)})
+                            kv_tokens * kv_bytes_per_token(self.model_config, kv_dtype) / 2**30, 2)})
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config
         tokens = cfg.kv_cache_tokens
         if tokens is None:
-            per_token = kv_bytes_per_token(self.model_config, cfg.torch_dtype)
+            per_token = kv_bytes_per_token(self.model_config, cfg.kv_cache_torch_dtype)
             tokens = int(available_memory_bytes() * cfg.kv_cache_memory_fraction) // per_token
             tokens = min(tokens, cfg.max_num_seqs * self.max_model_len)
         return max(1, tokens // cfg.block_size)

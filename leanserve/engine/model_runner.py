@@ -32,8 +32,10 @@ def make_attention_backend(name: str, device: torch.device, num_kv_heads: int):
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto",
-                 quantize: Callable[[LlamaForCausalLM], object] | None = None) -> None:
-        """`quantize`, if given, swaps quantized modules into the loaded float model."""
+                 quantize: Callable[[LlamaForCausalLM], object] | None = None,
+                 kv_cache_dtype: torch.dtype | None = None) -> None:
+        """`quantize`, if given, swaps quantized modules into the loaded float model; the KV cache is
+        `kv_cache_dtype` (default: the model's dtype)."""
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
@@ -47,8 +49,8 @@ class ModelRunner:
         self.model.to(self.device).eval()
         # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=kv_cache_dtype or dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=kv_cache_dtype or dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]

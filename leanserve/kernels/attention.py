@@ -151,11 +151,12 @@ class TorchAttentionBackend:
 
     def decode_step(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
                     v_cache: torch.Tensor, md: AttentionMetadata, num_heads: int) -> torch.Tensor | None:
-        """A decode-only float32 step in one native call: rotary embedding of the queries and keys in
-        qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives them), the new
-        keys and values into the cache, lean attention; returns [T, H D]. None where that does not
-        apply (a batch with prefill segments, no native kernels, another dtype): use forward()."""
-        if md.prefill or self.kernels is None or qkv.dtype != torch.float32 or k_cache.dtype != torch.float32:
+        """A decode-only step on float32 activations in one native call: rotary embedding of the queries
+        and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives them),
+        the new keys and values into the cache (of any float dtype), lean attention; returns [T, H D].
+        None where that does not apply (a batch with prefill segments, no native kernels, bfloat16
+        activations): use forward()."""
+        if md.prefill or self.kernels is None or qkv.dtype != torch.float32:
             return None
         cos, sin = rope
         return self.kernels.decode_attention_step(
@@ -164,12 +165,13 @@ class TorchAttentionBackend:
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hkv, D] for the new tokens; returns [T, H, D]."""
+        """q [T, H, D], k and v [T, Hkv, D] for the new tokens; returns [T, H, D]. The cache may hold
+        another float dtype than q's (a float16 cache for a float32 model): attention computes in q's."""
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
         k_flat = k_cache.view(-1, num_kv_heads, head_dim)
         v_flat = v_cache.view(-1, num_kv_heads, head_dim)
-        k_flat.index_copy_(0, md.slot_mapping, k)
-        v_flat.index_copy_(0, md.slot_mapping, v)
+        k_flat.index_copy_(0, md.slot_mapping, k.to(k_cache.dtype))
+        v_flat.index_copy_(0, md.slot_mapping, v.to(v_cache.dtype))
         if not md.prefill:                       # decode only: the rows are the decode sequences in order
             return self._decode(q, k_cache, v_cache, md.decode)
         out = torch.empty_like(q)
@@ -178,7 +180,7 @@ class TorchAttentionBackend:
             if cached is None:
                 keys, values = k[rows], v[rows]
             else:
-                keys, values = k_flat[cached], v_flat[cached]
+                keys, values = k_flat[cached].to(q.dtype), v_flat[cached].to(q.dtype)
             out[rows] = _causal_attention(q[rows], keys, values)
         if md.decode is not None:
             out[md.decode.rows] = self._decode(q[md.decode.rows], k_cache, v_cache, md.decode)
@@ -207,7 +209,7 @@ class TorchAttentionBackend:
         if num_tiles > batch:
             queries = queries[tiles.tile_seq]                                              # [N, Hkv, G, D]
         tile_out, tile_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            queries, keys.transpose(1, 2), values.transpose(1, 2), 0.0, False,
+            queries, keys.transpose(1, 2).to(q.dtype), values.transpose(1, 2).to(q.dtype), 0.0, False,
             attn_mask=tiles.tile_mask.to(q.dtype), scale=1.0 / math.sqrt(head_dim))[:2]
         if num_tiles == batch:                   # one tile a sequence: nothing to merge
             return tile_out.view(q.shape)

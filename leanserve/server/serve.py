@@ -12,7 +12,7 @@ import time
 import uvicorn
 
 from leanserve.engine.async_llm import AsyncLLM
-from leanserve.engine.engine_config import DTYPES, QUANTIZATION_CHOICES, EngineConfig
+from leanserve.engine.engine_config import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_CHOICES, EngineConfig
 from leanserve.server.app import ServerConfig, create_app
 
 log = logging.getLogger("leanserve.server")
@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("max-model-len", int, help="context length (default: the model's)")
     option("kv-cache-tokens", int, help="KV-cache size in tokens (default: a share of available memory)")
     option("block-size", int, 16, help="tokens per KV-cache block")
+    option("kv-cache-dtype", default="auto", choices=["auto", *sorted(KV_CACHE_DTYPES)],
+           help="KV-cache element type (auto: float16 for a float32 model on the CPU, else the model's dtype)")
     option("enable-prefix-caching", bool, True, help="reuse cached prompt prefixes (true/false)")
     option("max-queued-requests", int, help="answer 429 when this many requests wait")
     option("max-body-bytes", int, 4 * 1024 * 1024, help="largest request body")
@@ -116,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                          quantization=args.quantization)
+                          quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     llm = AsyncLLM(config)
     llm.start()
     name = args.served_model_name or args.model

@@ -16,9 +16,36 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace {
+
+// A cache row as float32: float16 and bfloat16 caches convert 16 values an instruction where
+// AVX-512 builds; a float32 cache is read in place.
+template <typename scalar_t>
+const float* row_as_float(const scalar_t* src, int64_t n, float* buffer) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return src;
+  } else {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
+      const __m512 x = std::is_same_v<scalar_t, at::Half>
+          ? _mm512_cvtph_ps(raw)
+          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      _mm512_storeu_ps(buffer + i, x);
+    }
+#endif
+    for (; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
+    return buffer;
+  }
+}
 
 // One tile: tokens [start, end) of one sequence, all its query heads. A token's keys (and
 // values) for every KV head are one contiguous row of the cache block, read once.
@@ -27,15 +54,17 @@ void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cach
                  int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim,
                  float* scores, float* out, float* lse) {
   const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
+  std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : row);
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
-    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    const float* k = row_as_float(k_cache + (table[pos / block_size] * block_size + pos % block_size) * row, row,
+                                  buffer.data());
     for (int64_t h = 0; h < heads; ++h) {
       const float* qh = q + h * dim;
-      const scalar_t* kh = k + (h / groups) * dim;
+      const float* kh = k + (h / groups) * dim;
       float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * static_cast<float>(kh[d]);
+      for (int64_t d = 0; d < dim; ++d) dot += qh[d] * kh[d];
       scores[h * n + t] = dot;
     }
   }
@@ -54,13 +83,14 @@ void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cach
   }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
-    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    const float* v = row_as_float(v_cache + (table[pos / block_size] * block_size + pos % block_size) * row, row,
+                                  buffer.data());
     for (int64_t h = 0; h < heads; ++h) {
       const float p = scores[h * n + t];
-      const scalar_t* vh = v + (h / groups) * dim;
+      const float* vh = v + (h / groups) * dim;
       float* o = out + h * dim;
 #pragma omp simd
-      for (int64_t d = 0; d < dim; ++d) o[d] += p * static_cast<float>(vh[d]);
+      for (int64_t d = 0; d < dim; ++d) o[d] += p * vh[d];
     }
   }
 }
@@ -147,47 +177,58 @@ torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torc
   return out.to(q.scalar_type());
 }
 
-// A decode-only step's attention for one layer, float32, in one call: the rotary embedding of the
-// queries and keys in qkv [B, (H + 2 Hkv) D] (cos and signed sin [B, D], HF's rotate-half layout:
-// x cos + roll(x, D/2) sin), the new keys and values written to their cache slots, then
-// lean_attention_decode. Returns [B, H D].
+// A decode-only step's attention for one layer in one call, on float32 activations: the rotary
+// embedding of the queries and keys in qkv [B, (H + 2 Hkv) D] (cos and signed sin [B, D], HF's
+// rotate-half layout: x cos + roll(x, D/2) sin), the new keys and values written to their cache
+// slots (float32, float16 or bfloat16), then lean_attention_decode. Returns [B, H D] float32.
+template <typename scalar_t>
+void write_rotated(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t batch,
+                   int64_t heads, int64_t kv_heads, int64_t dim, float scale, float* q, scalar_t* k_cache,
+                   scalar_t* v_cache) {
+  const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
+  for (int64_t b = 0; b < batch; ++b) {
+    const float* row = qkv + b * width;
+    const float* cb = cos + b * dim;
+    const float* sb = sin + b * dim;
+    for (int64_t h = 0; h < heads; ++h) {                  // queries, rotated and scaled
+      const float* src = row + h * dim;
+      float* dst = q + (b * heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * scale;
+    }
+    for (int64_t h = 0; h < kv_heads; ++h) {               // keys, rotated; values as they are
+      const float* src = row + (heads + h) * dim;
+      const float* value = row + (heads + kv_heads + h) * dim;
+      scalar_t* k = k_cache + (slots[b] * kv_heads + h) * dim;
+      scalar_t* v = v_cache + (slots[b] * kv_heads + h) * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        k[d] = static_cast<scalar_t>(src[d] * cb[d] + src[(d + half) % dim] * sb[d]);
+        v[d] = static_cast<scalar_t>(value[d]);
+      }
+    }
+  }
+}
+
 torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
                                     torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
                                     torch::Tensor context_lens, int64_t heads, int64_t tile, double scale) {
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && k_cache.scalar_type() == torch::kFloat32 &&
-                  v_cache.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32,
-              "float32 only");
+  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32 &&
+                  k_cache.scalar_type() == v_cache.scalar_type(), "float32 activations, one cache dtype");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64,
               "contiguous caches and int64 slots");
-  const int64_t batch = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3), half = dim / 2;
+  const int64_t batch = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
   TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * dim && slot_mapping.size(0) == batch,
               "qkv does not fit the cache's heads");
   torch::Tensor x = qkv.contiguous(), c = cos.reshape({batch, dim}).contiguous(), sn = sin.reshape({batch, dim}).contiguous();
   torch::Tensor slots = slot_mapping.contiguous();
   torch::Tensor q = torch::empty({batch, heads, dim}, torch::kFloat32);
-  const float* xd = x.data_ptr<float>();
-  const float* cd = c.data_ptr<float>();
-  const float* sd = sn.data_ptr<float>();
-  const int64_t* sl = slots.data_ptr<int64_t>();
-  float* qd = q.data_ptr<float>();
-  float* kd = k_cache.data_ptr<float>();
-  float* vd = v_cache.data_ptr<float>();
-  const int64_t width = (heads + 2 * kv_heads) * dim;
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = xd + b * width;
-    const float* cb = cd + b * dim;
-    const float* sb = sd + b * dim;
-    for (int64_t h = 0; h < heads + kv_heads; ++h) {        // queries (also scaled), then keys: rotated
-      const float* src = row + h * dim;
-      const bool query = h < heads;
-      float* dst = query ? qd + (b * heads + h) * dim : kd + (sl[b] * kv_heads + (h - heads)) * dim;
-      const float factor = query ? static_cast<float>(scale) : 1.f;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * factor;
-    }
-    std::memcpy(vd + sl[b] * kv_heads * dim, row + (heads + kv_heads) * dim, kv_heads * dim * sizeof(float));
-  }
-  return lean_decode_impl<float>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile)
-      .view({batch, heads * dim});
+  torch::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "decode_attention_step", [&] {
+    write_rotated<scalar_t>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), slots.data_ptr<int64_t>(),
+                            batch, heads, kv_heads, dim, static_cast<float>(scale), q.data_ptr<float>(),
+                            k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
+    out = lean_decode_impl<scalar_t>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile);
+  });
+  return out.view({batch, heads * dim});
 }
 
 // In place, for float32 [T, H] rows: residual += x, then x = residual * rsqrt(mean(residual^2) + eps)
