@@ -49,10 +49,109 @@ const float* row_as_float(const scalar_t* src, int64_t n, float* buffer) {
 
 // One tile: tokens [start, end) of one sequence, all its query heads. A token's keys (and
 // values) for every KV head are one contiguous row of the cache block, read once.
+#if defined(__AVX512F__)
+// exp of 16 floats: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), 2^f (|f| <= 1/2) by its degree-6
+// Taylor polynomial in f ln 2 (relative error ~1e-7), 2^n by scalef.
+inline __m512 exp16(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-104.f)), _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_mul_ps(_mm512_sub_ps(t, n), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.f / 720);
+  for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// Softmax of each head's scores [heads, n] in place; lse[h] = log sum exp.
+inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * n;
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
+    int64_t t = 0;
+#if defined(__AVX512F__)
+    __m512 sums = _mm512_setzero_ps();
+    for (; t + 16 <= n; t += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + t), _mm512_set1_ps(m)));
+      _mm512_storeu_ps(s + t, e);
+      sums = _mm512_add_ps(sums, e);
+    }
+    sum = _mm512_reduce_add_ps(sums);
+#endif
+    for (; t < n; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    lse[h] = m + std::log(sum);
+    for (t = 0; t < n; ++t) s[t] /= sum;
+  }
+}
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// attend_tile for head dims of 16 x DV: each cached key and value vector is loaded (and
+// converted) once for the G query heads of its group.
+template <typename scalar_t, int DV>
+void attend_tile_simd(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
+                      int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups,
+                      float* scores, float* out, float* lse) {
+  constexpr int64_t dim = 16 * DV;
+  const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = start + t;
+    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      __m512 kv[DV];
+      for (int i = 0; i < DV; ++i) kv[i] = load16(k + g * dim + 16 * i);
+      for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
+        const float* qh = q + h * dim;
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
+        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv[i], acc);
+        scores[h * n + t] = _mm512_reduce_add_ps(acc);
+      }
+    }
+  }
+  softmax_rows(scores, heads, n, lse);
+  std::fill(out, out + heads * dim, 0.f);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t pos = start + t;
+    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      __m512 vv[DV];
+      for (int i = 0; i < DV; ++i) vv[i] = load16(v + g * dim + 16 * i);
+      for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
+        const __m512 p = _mm512_set1_ps(scores[h * n + t]);
+        float* o = out + h * dim;
+        for (int i = 0; i < DV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(p, vv[i], _mm512_loadu_ps(o + 16 * i)));
+      }
+    }
+  }
+}
+#endif
+
 template <typename scalar_t>
 void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
                  int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim,
                  float* scores, float* out, float* lse) {
+#if defined(__AVX512F__)
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (dim == 64)
+      return attend_tile_simd<scalar_t, 4>(q, k_cache, v_cache, table, start, end, block_size, kv_heads, groups,
+                                           scores, out, lse);
+    if (dim == 128)
+      return attend_tile_simd<scalar_t, 8>(q, k_cache, v_cache, table, start, end, block_size, kv_heads, groups,
+                                           scores, out, lse);
+  }
+#endif
   const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
   std::vector<float> buffer(std::is_same_v<scalar_t, float> ? 0 : row);
   for (int64_t t = 0; t < n; ++t) {
@@ -68,19 +167,8 @@ void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cach
       scores[h * n + t] = dot;
     }
   }
+  softmax_rows(scores, heads, n, lse);
   std::fill(out, out + heads * dim, 0.f);
-  for (int64_t h = 0; h < heads; ++h) {
-    float* s = scores + h * n;
-    float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-    float sum = 0.f;
-    for (int64_t t = 0; t < n; ++t) {
-      s[t] = std::exp(s[t] - m);
-      sum += s[t];
-    }
-    lse[h] = m + std::log(sum);
-    for (int64_t t = 0; t < n; ++t) s[t] /= sum;
-  }
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
     const float* v = row_as_float(v_cache + (table[pos / block_size] * block_size + pos % block_size) * row, row,
