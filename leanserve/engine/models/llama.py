@@ -155,14 +155,42 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.requires_grad_(False)
+        self.native_layers: tuple | bool | None = None      # decode_layers' arguments; set at the first step
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat token batch (before the final norm)."""
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
+        if self.native_layers is None:
+            self.native_layers = self._native_layer_arguments()
+        md = get_forward_context()
+        if self.native_layers and not md.prefill and x.dtype == torch.float32:
+            # A decode-only step where every linear runs on the VNNI kernel: the same loop, in one native call.
+            kernels, weights, groups, k_caches, v_caches, backend = self.native_layers
+            attn = self.layers[0].self_attn
+            return kernels.decode_layers(x, weights, groups, k_caches, v_caches, self.config.rms_norm_eps, *rope,
+                                         md.slot_mapping, md.decode.block_tables, md.decode.context_lens,
+                                         attn.num_heads, backend.tile_size, attn.head_dim ** -0.5)
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
         return x + residual
+
+    def _native_layer_arguments(self) -> tuple | bool:
+        """decode_layers' fixed arguments, or False where the native loop does not apply: no native
+        attention kernels, or a linear off the VNNI kernel."""
+        backend = self.layers[0].self_attn.backend
+        kernels = getattr(backend, "kernels", None)
+        linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
+                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+        if kernels is None or not all(getattr(m, "vnni", False) for m in linears):
+            return False
+        weights = []
+        for layer in self.layers:
+            weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
+            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                weights += [m.kernel_packed, m.kernel_scales_mins]
+        return (kernels, weights, [m.group_size for m in linears], [layer.self_attn.k_cache for layer in self.layers],
+                [layer.self_attn.v_cache for layer in self.layers], backend)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden)
