@@ -16,6 +16,7 @@ torch::Tensor decode_layers(torch::Tensor x, std::vector<torch::Tensor> weights,
                             torch::Tensor cos, torch::Tensor sin, torch::Tensor slot_mapping,
                             torch::Tensor block_tables, torch::Tensor context_lens, int64_t heads, int64_t tile,
                             double scale) {
+  pybind11::gil_scoped_release no_gil;     // the server's event loop runs meanwhile
   const int64_t layers = static_cast<int64_t>(k_caches.size()), hidden = x.size(1);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2, "x must be float32 [B, hidden]");
   TORCH_CHECK(static_cast<int64_t>(weights.size()) == 10 * layers && static_cast<int64_t>(groups.size()) == 4 * layers &&
