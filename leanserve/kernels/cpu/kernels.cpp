@@ -106,9 +106,19 @@ void attend_tile_simd(const float* q, const scalar_t* k_cache, const scalar_t* v
                       float* scores, float* out, float* lse) {
   constexpr int64_t dim = 16 * DV;
   const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
+  constexpr int64_t ahead = 8;            // tokens: software prefetch across the cache's scattered blocks
+  auto slot = [&](int64_t pos) { return table[pos / block_size] * block_size + pos % block_size; };
   for (int64_t t = 0; t < n; ++t) {
     const int64_t pos = start + t;
-    const scalar_t* k = k_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
+    const scalar_t* k = k_cache + slot(pos) * row;
+    if (t + ahead < n) {
+      const char* next_k = reinterpret_cast<const char*>(k_cache + slot(pos + ahead) * row);
+      const char* next_v = reinterpret_cast<const char*>(v_cache + slot(pos + ahead) * row);
+      for (int64_t b = 0; b < row * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
+        _mm_prefetch(next_k + b, _MM_HINT_T0);
+        _mm_prefetch(next_v + b, _MM_HINT_T1);
+      }
+    }
     for (int64_t g = 0; g < kv_heads; ++g) {
       __m512 kv[DV];
       for (int i = 0; i < DV; ++i) kv[i] = load16(k + g * dim + 16 * i);
