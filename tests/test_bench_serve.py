@@ -1,10 +1,14 @@
 """The load generator: arrival process and summary on synthetic results (the live run is in test_server_e2e)."""
+import asyncio
 import math
 import statistics
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from leanserve.bench.serve import RequestResult, arrival_gaps, parse_goodput, summarize
+from leanserve.bench.serve import RequestResult, arrival_gaps, parse_goodput, run_load, summarize
+from leanserve.bench.workload import ChatRequest
 
 
 def test_arrivals_are_gamma_with_the_asked_rate_and_burstiness():
@@ -51,3 +55,26 @@ def test_scoreboard_verdict_compares_with_the_best_peer() -> None:
     assert "(vllm): 2.00x the output tokens/s, TTFT p50 0.25x" in text
     assert "TTFT p99: LeanServe 16000 ms, lowest peer 60000 ms" in text and "TPOT p99: LeanServe 600 ms, lowest peer 300 ms" in text
     assert verdict(results, "poisson") == []
+
+
+def test_a_server_without_its_model_is_a_clear_error():
+    class Loading(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b'{"error": {"message": "the model is not loaded"}}'
+            self.send_response(503)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Loading)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        request = ChatRequest("1", [{"role": "user", "content": "hi"}], 4)
+        with pytest.raises(ValueError, match="answered 503 .*not loaded"):
+            asyncio.run(run_load(f"http://127.0.0.1:{server.server_port}", [request], model=None, rate=math.inf,
+                                 burstiness=1.0, max_concurrency=None, seed=0, api_key=None, progress=False))
+    finally:
+        server.shutdown()

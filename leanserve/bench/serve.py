@@ -100,8 +100,11 @@ async def run_load(base_url: str, requests: list[ChatRequest], *, model: str | N
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
         if model is None:
-            models = (await client.get(f"{base_url}/v1/models", headers=headers)).json()
-            model = models["data"][0]["id"]
+            response = await client.get(f"{base_url}/v1/models", headers=headers)
+            if response.status_code != 200:
+                raise ValueError(f"{base_url}/v1/models answered {response.status_code} ({response.text[:200]}); "
+                                 "is the server up with its model loaded? Or name the model with --model")
+            model = response.json()["data"][0]["id"]
         url = f"{base_url}/v1/chat/completions"
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         bar = tqdm(total=len(requests), desc="requests", unit="req", disable=not progress)

@@ -17,8 +17,8 @@ LLMInt8Linear  LLM.int8(): int8 weight per output channel ("column-wise" of W^T)
                go through a float matmul instead.
 
 The buffers above are the stored format: `dequantize()` turns them into the exact
-float32 weights and `state_dict()` saves them. int4's CPU path is a native kernel
-where it builds (see Int4Linear); the other CPU fast paths use torch's
+float32 weights and `state_dict()` saves them. int4's and group-wise int8's CPU path
+is a native kernel where it runs (see QuantLinear); the other CPU fast paths use torch's
 weight-only kernels, which run an order of magnitude faster on bfloat16
 activations than on float32 ones, so activations are cast to bfloat16 for the
 kernel and the result back to the caller's dtype; the kernels also want their
@@ -227,10 +227,8 @@ def _check_group(in_features: int, group_size: int) -> int:
 class Int4Linear(QuantLinear):
     """int4 weight-only, group-wise along K: W = q * scale + min per group (q in 0..15).
 
-    CPU path, where the native kernels build with AVX-512 VNNI: `int4_vnni_linear`
-    (leanserve/kernels/cpu/int4_vnni.cpp) on its own packing, float32 scales and mins,
-    activations split into two int8 parts per block of 32 (about 16 bits): within ~1e-5 of
-    float32 on the exact weights, for every batch size. Otherwise torch's kernels:
+    CPU path: the native VNNI kernel where it runs (see QuantLinear; its float16 scales and
+    mins are exact for GGUF's and from_float's). Otherwise torch's kernels:
     `_weight_int4pack_mm_for_cpu` on its own packing of q computes (q - 8) * scale with
     bfloat16 scales and activations; the zero term (zero = min + 8 * scale, per group) is
     added in float32 as x's group sums times the zeros, since rounding the zeros to bfloat16

@@ -180,17 +180,17 @@ class LlamaForCausalLM(nn.Module):
         attention kernels, or a linear off the VNNI kernel."""
         backend = self.layers[0].self_attn.backend
         kernels = getattr(backend, "kernels", None)
-        linears = [m for layer in self.layers for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj,
-                                                        layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-        if kernels is None or not all(getattr(m, "vnni", False) for m in linears):
+        linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+                   for layer in self.layers]
+        if kernels is None or not all(getattr(m, "vnni", False) for four in linears for m in four):
             return False
         weights = []
-        for layer in self.layers:
+        for layer, four in zip(self.layers, linears):
             weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
-                weights += [m.kernel_packed, m.kernel_scales_mins]
-        return (kernels, weights, [m.group_size for m in linears], [layer.self_attn.k_cache for layer in self.layers],
-                [layer.self_attn.v_cache for layer in self.layers], backend)
+            weights += [t for m in four for t in (m.kernel_packed, m.kernel_scales_mins)]
+        return (kernels, weights, [m.group_size for four in linears for m in four],
+                [layer.self_attn.k_cache for layer in self.layers], [layer.self_attn.v_cache for layer in self.layers],
+                backend)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         x = self.norm(hidden)
