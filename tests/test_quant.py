@@ -154,6 +154,17 @@ def test_vnni_kernel_matches_float64_reference(make, m: int) -> None:
                                rtol=2 ** -7, atol=1e-2)
 
 
+def test_groups_the_vnni_kernel_cannot_take_use_the_torch_path() -> None:
+    """Group-wise int8 with groups of 25 (not a multiple of the kernel's 32) or float32 scales."""
+    w = torch.randint(-127, 128, (16, 100), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    for scales in (torch.rand(16, 4).half(), torch.rand(16, 4) / 3):
+        module = Int8Linear(w, scales)
+        assert not module.vnni
+        x = activations(m=3, k=100)
+        exact = x @ module.dequantize().t()
+        assert (module(x) - exact).abs().max() <= 1e-2 * exact.abs().max()     # bfloat16 activations
+
+
 def test_int4_round_trip_error_is_at_most_half_a_step() -> None:
     w = weights()
     module = Int4Linear.from_float(w, group_size=64)

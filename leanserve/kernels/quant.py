@@ -68,7 +68,7 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
 
 def vnni_kernels(weight: torch.Tensor, *scales: torch.Tensor):
     """The native kernels, if they multiply by VNNI here and can take this weight: on the CPU, with
-    scales (and mins) whose values are exactly float16 (GGUF's are)."""
+    scales (and mins) whose values are exactly float16 (GGUF's are). Groups must be multiples of 32."""
     kernels = native_kernels()
     if weight.device.type != "cpu" or kernels is None or not kernels.vnni_available():
         return None
@@ -151,7 +151,7 @@ class Int8Linear(QuantLinear):
             self.group_size = in_features // groups
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales.contiguous())
-        kernels = vnni_kernels(weight, scales) if self.group_size is not None else None
+        kernels = vnni_kernels(weight, scales) if self.group_size is not None and self.group_size % 32 == 0 else None
         if kernels is not None:
             self.use_vnni(kernels.int8_vnni_pack(self.weight, self.scales))
         elif weight.device.type == "cpu":
