@@ -130,32 +130,34 @@ def test_finish_removes_a_waiting_or_running_request():
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from leanserve.scheduler.block_manager import block_hash  # noqa: E402
-from leanserve.scheduler.prepacking import best_fit_decreasing  # noqa: E402
+from leanserve.scheduler.prepacking import shortest_first_fill  # noqa: E402
 
 
-def test_best_fit_decreasing_fills_the_tightest_bin():
-    assert best_fit_decreasing([500, 1500, 1400, 300, 200], 1984) == [[1, 3], [2, 0], [4]]
-    assert best_fit_decreasing([5000, 10, 10], 100) == [[0], [1, 2]]
+def test_shortest_first_fill_takes_the_head_then_the_shortest_that_fit():
+    assert shortest_first_fill([500, 1500, 1400, 300, 200], 1984) == [0, 4, 3]
+    assert shortest_first_fill([5000, 10, 10], 100) == [0]          # the head alone, to be chunked
+    assert shortest_first_fill([50, 10, 60, 10], 100) == [0, 1, 3]
 
 
-@given(st.lists(st.integers(1, 300), max_size=40), st.integers(1, 256))
-def test_best_fit_decreasing_places_every_item_once_within_capacity(lengths, capacity):
-    bins = best_fit_decreasing(lengths, capacity)
-    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
-    for b in bins:
-        assert len(b) == 1 or sum(lengths[i] for i in b) <= capacity
-    # No two bins could be merged: best fit leaves no pair of bins that fit together.
-    sums = sorted(sum(lengths[i] for i in b) for b in bins)
-    assert len(sums) < 2 or sums[0] + sums[1] > capacity
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=40), st.integers(1, 256))
+def test_shortest_first_fill_stays_within_capacity_and_leaves_no_shorter_prompt_out(lengths, capacity):
+    chosen = shortest_first_fill(lengths, capacity)
+    assert chosen[0] == 0 and len(set(chosen)) == len(chosen)
+    total = sum(lengths[i] for i in chosen)
+    assert len(chosen) == 1 or total <= capacity
+    left_out = [lengths[i] for i in range(1, len(lengths)) if i not in chosen]
+    if left_out and lengths[0] <= capacity:
+        assert total + min(left_out) > capacity                      # the shortest one left did not fit
+        assert all(lengths[i] <= min(left_out) for i in chosen[1:])
 
 
-def test_scheduler_prepacks_the_head_prompt_with_its_best_fitting_companions():
+def test_scheduler_prepacks_the_head_prompt_with_the_shortest_that_fit():
     s = Scheduler(BlockManager(1024, 16), max_num_seqs=16, max_num_batched_tokens=1984)
     requests = [make_request(name, n) for name, n in [("head", 500), ("a", 1500), ("b", 1400), ("c", 300), ("d", 200)]]
     for r in requests:
         s.add(r, r.num_tokens + 8)
     batch = run_step(s)
-    assert [r.request_id for r in batch.requests] == ["head", "b"] and batch.num_tokens == [500, 1400]
+    assert [r.request_id for r in batch.requests] == ["head", "c", "d"] and batch.num_tokens == [500, 300, 200]
 
 
 def test_without_chunking_a_long_prompt_runs_whole():

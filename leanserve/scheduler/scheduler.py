@@ -9,7 +9,7 @@ and `max_num_seqs` sequences per step.
 
 Waiting prompts are prepacked: the most urgent one (lowest priority value, then
 earliest arrival) is always taken, so nothing waits forever, and the rest of
-the budget is filled with the prompts best-fit-decreasing packs beside it.
+the budget is filled with the shortest waiting prompts that fit (prepacking.py).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from leanserve.scheduler.block_manager import BlockManager, cdiv
-from leanserve.scheduler.prepacking import best_fit_decreasing
+from leanserve.scheduler.prepacking import shortest_first_fill
 from leanserve.scheduler.request import Request, RequestStatus
 
 
@@ -104,13 +104,9 @@ class Scheduler:
         candidates = self.waiting[:self.max_num_seqs - len(self.running)]
         if not candidates:
             return
-        head = candidates[0]
-        if head.num_uncomputed_tokens >= budget:
-            pack = [head]               # the head alone fills the step (chunked if chunking is on)
-        else:
-            bins = best_fit_decreasing([r.num_uncomputed_tokens for r in candidates], budget)
-            pack = [candidates[i] for i in next(b for b in bins if 0 in b)]
-            pack.sort(key=_urgency)
+        head = candidates[0]            # alone when it fills the step (chunked if chunking is on)
+        pack = [candidates[i] for i in shortest_first_fill([r.num_uncomputed_tokens for r in candidates], budget)]
+        pack.sort(key=_urgency)
         for request in pack:
             self.block_manager.match_prefix(request)
             num_tokens = request.num_uncomputed_tokens
