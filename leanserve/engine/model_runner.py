@@ -49,8 +49,9 @@ class ModelRunner:
         self.model.to(self.device).eval()
         # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=kv_cache_dtype or dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=kv_cache_dtype or dtype, device=self.device)
+        kv_cache_dtype = kv_cache_dtype or dtype
+        self.k_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]

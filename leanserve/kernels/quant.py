@@ -66,11 +66,13 @@ def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
     return x.reshape(-1, k).to(KERNEL_DTYPE).contiguous()
 
 
-def vnni_kernels(weight: torch.Tensor, *scales: torch.Tensor):
-    """The native kernels, if they multiply by VNNI here and can take this weight: on the CPU, with
-    scales (and mins) whose values are exactly float16 (GGUF's are). Groups must be multiples of 32."""
+def vnni_kernels(weight: torch.Tensor, group_size: int | None, *scales: torch.Tensor):
+    """The native kernels, if they multiply by VNNI here and can take this weight: on the CPU, in
+    groups of a multiple of 32 along K, with scales (and mins) whose values are exactly float16
+    (GGUF's are)."""
     kernels = native_kernels()
-    if weight.device.type != "cpu" or kernels is None or not kernels.vnni_available():
+    if (weight.device.type != "cpu" or group_size is None or group_size % 32 or kernels is None
+            or not kernels.vnni_available()):
         return None
     return kernels if all(torch.equal(t.half().to(t.dtype), t) for t in scales) else None
 
@@ -151,7 +153,7 @@ class Int8Linear(QuantLinear):
             self.group_size = in_features // groups
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales.contiguous())
-        kernels = vnni_kernels(weight, scales) if self.group_size is not None and self.group_size % 32 == 0 else None
+        kernels = vnni_kernels(weight, self.group_size, scales)
         if kernels is not None:
             self.use_vnni(kernels.int8_vnni_pack(self.weight, self.scales))
         elif weight.device.type == "cpu":
@@ -251,7 +253,7 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous())
-        kernels = vnni_kernels(qweight, self.scales, self.mins)
+        kernels = vnni_kernels(qweight, self.group_size, self.scales, self.mins)
         if kernels is not None:
             self.use_vnni(kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins))
         elif qweight.device.type == "cpu":

@@ -25,6 +25,18 @@
 
 namespace {
 
+#if defined(__AVX512F__)
+// 16 cache values as float32.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const at::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+#endif
+
 // A cache row as float32: float16 and bfloat16 caches convert 16 values an instruction where
 // AVX-512 builds; a float32 cache is read in place.
 template <typename scalar_t>
@@ -34,21 +46,14 @@ const float* row_as_float(const scalar_t* src, int64_t n, float* buffer) {
   } else {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    for (; i + 16 <= n; i += 16) {
-      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i));
-      const __m512 x = std::is_same_v<scalar_t, at::Half>
-          ? _mm512_cvtph_ps(raw)
-          : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      _mm512_storeu_ps(buffer + i, x);
-    }
+    if constexpr (!std::is_same_v<scalar_t, double>)
+      for (; i + 16 <= n; i += 16) _mm512_storeu_ps(buffer + i, load16(src + i));
 #endif
     for (; i < n; ++i) buffer[i] = static_cast<float>(src[i]);
     return buffer;
   }
 }
 
-// One tile: tokens [start, end) of one sequence, all its query heads. A token's keys (and
-// values) for every KV head are one contiguous row of the cache block, read once.
 #if defined(__AVX512F__)
 // exp of 16 floats: 2^(x log2 e) = 2^n 2^f, n = round(x log2 e), 2^f (|f| <= 1/2) by its degree-6
 // Taylor polynomial in f ln 2 (relative error ~1e-7), 2^n by scalef.
@@ -89,15 +94,6 @@ inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
 }
 
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const at::BFloat16* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-
 // attend_tile for head dims of 16 x DV: each cached key and value vector is loaded (and
 // converted) once for the G query heads of its group.
 template <typename scalar_t, int DV>
@@ -148,6 +144,8 @@ void attend_tile_simd(const float* q, const scalar_t* k_cache, const scalar_t* v
 }
 #endif
 
+// One tile: tokens [start, end) of one sequence, all its query heads. A token's keys (and
+// values) for every KV head are one contiguous row of the cache block, read once.
 template <typename scalar_t>
 void attend_tile(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
                  int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim,
