@@ -29,9 +29,11 @@ def reference(q, keys, values):
 
 @pytest.mark.parametrize("native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("cache_dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3)])
-@pytest.mark.parametrize("block_size,num_kv,group,tile", [(16, 3, 3, 128), (4, 2, 1, 8), (8, 1, 8, 16)])
+@pytest.mark.parametrize("block_size,num_kv,group,tile", [(16, 3, 3, 128), (4, 2, 1, 8), (8, 1, 8, 16), (8, 2, 5, 16)])
 def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, cache_dtype, tolerance, native):
-    """float32 queries over a float32 or float16 cache (the reference: float64 on unrounded keys)."""
+    """float32 queries over a float32 or float16 cache (the reference: float64 on unrounded keys). Natively,
+    the prefill segments run in prefill_attention, except with 5 query heads a KV head (its items hold
+    48 rows, so the group must divide 48), which takes the torch path."""
     torch.manual_seed(0)
     d, num_blocks = 32, 200
     k_cache = torch.zeros(num_blocks, block_size, num_kv, d, dtype=cache_dtype)
@@ -68,6 +70,43 @@ def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, cache_dt
     # Every new token's keys and values landed in its own slot.
     flat_k = k_cache.view(-1, num_kv, d)
     assert torch.equal(flat_k[torch.tensor(slots)], torch.cat(k_parts).to(cache_dtype))
+
+
+@pytest.mark.parametrize("cache_dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("block_size,num_kv,group,head_dim", [(16, 3, 3, 64), (8, 1, 8, 128), (32, 2, 1, 64)])
+def test_native_prefill_attention_on_long_segments(cache_dtype, tolerance, block_size, num_kv, group, head_dim):
+    """The prefill kernel alone: fresh prompts and chunks after cached prefixes of up to 300 tokens (in
+    shuffled blocks), several items and key blocks each, segments that end inside both."""
+    kernels = backend_for(True, 128).kernels
+    assert kernels.prefill_attention_supported(num_kv * group, num_kv, head_dim)
+    g = torch.Generator().manual_seed(block_size + group + head_dim)
+    shapes = [(0, 200), (300, 77), (0, 1), (45, 130), (1, 2)]          # (cached, new)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in shapes) + 1
+    k_cache = torch.zeros(num_blocks, block_size, num_kv, head_dim, dtype=cache_dtype)
+    v_cache = torch.zeros_like(k_cache)
+    order = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables, full_k, full_v, segments, row = [], [], [], [], 0
+    for cached, new in shapes:
+        table = [order.pop() for _ in range(-(-(cached + new) // block_size))]
+        tables.append(table)
+        full_k.append(torch.randn(cached + new, num_kv, head_dim, generator=g))
+        full_v.append(torch.randn(cached + new, num_kv, head_dim, generator=g))
+        for p in range(cached):
+            k_cache[table[p // block_size], p % block_size] = full_k[-1][p]
+            v_cache[table[p // block_size], p % block_size] = full_v[-1][p]
+        segments.append([row, new, cached + new])
+        row += new
+    q = torch.randn(row, num_kv * group, head_dim, generator=g)
+    k = torch.cat([fk[c:] for fk, (c, _) in zip(full_k, shapes)])
+    v = torch.cat([fv[c:] for fv, (c, _) in zip(full_v, shapes)])
+    width = max(len(t) for t in tables)
+    out = torch.zeros_like(q)
+    kernels.prefill_attention(q, k, v, k_cache, v_cache, torch.tensor(segments),
+                              torch.tensor([t + [0] * (width - len(t)) for t in tables]), head_dim ** -0.5, out)
+    for (start, new, _), fk, fv in zip(segments, full_k, full_v):
+        expected = reference(q[start:start + new], fk, fv)
+        got = out[start:start + new].double()
+        assert (got - expected).abs().max() / expected.abs().max() < tolerance, f"segment at row {start}"
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.float16, 2e-3), (torch.bfloat16, 2e-2)])

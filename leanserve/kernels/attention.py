@@ -30,7 +30,16 @@ class AttentionMetadata:
     block_size: int
     # Built once per step by the backend and shared by all layers.
     prefill: list[tuple[int, int, int, torch.Tensor | None]] | None = None
+    native_prefill: "PrefillSegments | None" = None
     decode: "DecodeTiles | DecodeSequences | None" = None
+
+
+@dataclass
+class PrefillSegments:
+    """The step's prefill segments for the native kernel, which reads cached prefixes itself."""
+
+    segments: torch.Tensor      # [S, 3] int64: first row in the flat batch, new tokens, context length
+    block_tables: torch.Tensor  # [S, most blocks] int64, padded with block 0
 
 
 @dataclass
@@ -96,6 +105,9 @@ class TorchAttentionBackend:
     decomposition in C++ instead: tiles read the paged cache in place (no gathered
     copy), one thread a contiguous range of tiles: on the ragged batch of `leanserve
     bench attention`, 1.2 ms against 5.3 to 6.3 for the torch tiles (`--torch`).
+    Prefill segments then run in one native call too (prefill_attention.cpp: flash
+    attention, cached prefixes read through the block tables): a 512-token prompt's
+    causal attention, 9 heads over 3 KV heads, 0.9 ms against SDPA's 3.5.
     """
 
     def __init__(self, tile_size: int = 128, native: bool = True) -> None:
@@ -108,7 +120,7 @@ class TorchAttentionBackend:
         self._workspace = torch.empty(0)
 
     def prepare(self, md: AttentionMetadata) -> None:
-        md.prefill, decode = [], []
+        md.prefill, prefill, decode = [], [], []
         for seq in range(len(md.query_lens)):
             q_len, ctx_len = md.query_lens[seq], md.context_lens[seq]
             if q_len > 1 or ctx_len == 1:
@@ -116,15 +128,19 @@ class TorchAttentionBackend:
                 if ctx_len > q_len:
                     cached = context_slots(md.block_tables[seq], md.block_size, torch.arange(ctx_len))
                 md.prefill.append((md.query_starts[seq], q_len, ctx_len, cached))
+                prefill.append(seq)
             else:
                 decode.append(seq)
+        if prefill and self.kernels is not None:
+            md.native_prefill = PrefillSegments(
+                segments=torch.tensor([[md.query_starts[s], md.query_lens[s], md.context_lens[s]] for s in prefill]),
+                block_tables=_padded_tables([md.block_tables[s] for s in prefill]))
         if not decode:
             md.decode = None
         elif self.kernels is not None:
-            width = max(len(md.block_tables[s]) for s in decode)
             md.decode = DecodeSequences(
                 rows=torch.tensor([md.query_starts[s] for s in decode]),
-                block_tables=torch.tensor([md.block_tables[s] + [0] * (width - len(md.block_tables[s])) for s in decode]),
+                block_tables=_padded_tables([md.block_tables[s] for s in decode]),
                 context_lens=torch.tensor([md.context_lens[s] for s in decode]))
         else:
             md.decode = self._decode_tiles(md, decode)
@@ -175,13 +191,19 @@ class TorchAttentionBackend:
         if not md.prefill:                       # decode only: the rows are the decode sequences in order
             return self._decode(q, k_cache, v_cache, md.decode)
         out = torch.empty_like(q)
-        for start, q_len, ctx_len, cached in md.prefill:
-            rows = slice(start, start + q_len)
-            if cached is None:
-                keys, values = k[rows], v[rows]
-            else:
-                keys, values = k_flat[cached].to(q.dtype), v_flat[cached].to(q.dtype)
-            out[rows] = _causal_attention(q[rows], keys, values)
+        native = md.native_prefill
+        if (native is not None and q.dtype == torch.float32
+                and self.kernels.prefill_attention_supported(q.shape[1], num_kv_heads, head_dim)):
+            self.kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache,
+                                           native.segments, native.block_tables, 1.0 / math.sqrt(head_dim), out)
+        else:
+            for start, q_len, ctx_len, cached in md.prefill:
+                rows = slice(start, start + q_len)
+                if cached is None:
+                    keys, values = k[rows], v[rows]
+                else:
+                    keys, values = k_flat[cached].to(q.dtype), v_flat[cached].to(q.dtype)
+                out[rows] = _causal_attention(q[rows], keys, values)
         if md.decode is not None:
             out[md.decode.rows] = self._decode(q[md.decode.rows], k_cache, v_cache, md.decode)
         return out
@@ -214,6 +236,12 @@ class TorchAttentionBackend:
         if num_tiles == batch:                   # one tile a sequence: nothing to merge
             return tile_out.view(q.shape)
         return merge_by_lse(tile_out.float(), tile_lse, tiles.tile_seq, batch).view(q.shape).to(q.dtype)
+
+
+def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int64 tensor, padded with block 0."""
+    width = max(len(t) for t in tables)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables])
 
 
 def merge_by_lse(partial: torch.Tensor, lse: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -12,13 +12,15 @@ import os
 from pathlib import Path
 
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("cpu") / name for name in ("kernels.cpp", "vnni_linear.cpp", "decode_layers.cpp")]
+SOURCES = [Path(__file__).with_name("cpu") / name
+           for name in ("kernels.cpp", "prefill_attention.cpp", "vnni_linear.cpp", "decode_layers.cpp")]
 
 
 @functools.cache
 def native_kernels():
     """The compiled module (`lean_attention_decode`, `decode_attention_step`, `fused_add_rms_norm`,
-    `vnni_available`, `int4_vnni_pack`, `int8_vnni_pack`, `vnni_linear`, `decode_layers`), or None."""
+    `prefill_attention_supported`, `prefill_attention`, `vnni_available`, `int4_vnni_pack`, `int8_vnni_pack`,
+    `vnni_linear`, `decode_layers`), or None."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
@@ -26,8 +28,8 @@ def native_kernels():
 
         return load_inline(name="leanserve_cpu_kernels", cpp_sources=[source.read_text() for source in SOURCES],
                            functions=["lean_attention_decode", "decode_attention_step", "fused_add_rms_norm",
-                                      "vnni_available", "int4_vnni_pack", "int8_vnni_pack", "vnni_linear",
-                                      "decode_layers"],
+                                      "prefill_attention_supported", "prefill_attention", "vnni_available",
+                                      "int4_vnni_pack", "int8_vnni_pack", "vnni_linear", "decode_layers"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("native CPU kernels unavailable (%s: %s); using the torch versions",
