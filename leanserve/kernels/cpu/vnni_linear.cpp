@@ -61,10 +61,10 @@ inline void block_rows(const __m512i* q, __m512 scale, __m512 min, const int8_t*
     for (int c = 0; c < C; ++c) dot_hi[r][c] = dot_lo[r][c] = _mm512_setzero_si512();
   for (int v = 0; v < 8; ++v) {
     for (int r = 0; r < R; ++r) {
-      const int8_t* xh = xq + (row + r) * 2 * in_features + b * kBlock + 4 * v;
+      const int8_t* xh = xq + (row + r) * 2 * in_features + b * 2 * kBlock + 4 * v;
       int32_t h4, l4;
       std::memcpy(&h4, xh, 4);
-      std::memcpy(&l4, xh + in_features, 4);
+      std::memcpy(&l4, xh + kBlock, 4);
       dot_hi[r][v % C] = _mm512_dpbusd_epi32(dot_hi[r][v % C], q[v], _mm512_set1_epi32(h4));
       dot_lo[r][v % C] = _mm512_dpbusd_epi32(dot_lo[r][v % C], q[v], _mm512_set1_epi32(l4));
     }
@@ -161,7 +161,8 @@ torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
               tiles * kTile >= out_features, "weight does not fit x");
 
   // Activations -> int8 hi and lo parts, per block their scale s and s * (sum hi + sum lo / 256).
-  torch::Tensor xq = torch::empty({rows, 2, in_features}, torch::kInt8);
+  // A block's 32 hi bytes and 32 lo bytes share one cache line: [rows, blocks, hi and lo, 32].
+  torch::Tensor xq = torch::empty({rows, blocks, 2, kBlock}, torch::kInt8);
   torch::Tensor xs = torch::empty({rows, blocks, 2}, torch::kFloat32);
   const float* xd = x.data_ptr<float>();
   int8_t* xqd = xq.data_ptr<int8_t>();
@@ -170,8 +171,8 @@ torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
     for (int64_t m = r0; m < r1; ++m) {
       for (int64_t b = 0; b < blocks; ++b) {
         const float* v = xd + m * in_features + b * kBlock;
-        int8_t* hi = xqd + m * 2 * in_features + b * kBlock;
-        int8_t* lo = hi + in_features;
+        int8_t* hi = xqd + m * 2 * in_features + b * 2 * kBlock;
+        int8_t* lo = hi + kBlock;
         float amax = 0.f;
         for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
         const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
