@@ -138,35 +138,38 @@ def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, gro
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
-def test_native_decode_step_equals_rotary_cache_write_and_attention(cache_dtype):
-    """The fused decode step against the unfused path it replaces (rotate, write the cache, attend)."""
+def test_native_attention_step_equals_rotary_cache_write_and_attention(cache_dtype):
+    """The fused step (rotary, cache write, prefill and decode attention in one call) against the unfused
+    path it replaces, on a batch of decodes, a fresh prompt and a chunk after a cached prefix."""
     from leanserve.engine.models.llama import rotate
 
     backend = backend_for(True, 64)
     g = torch.Generator().manual_seed(3)
     heads, kv_heads, d, block_size = 6, 2, 32, 16
-    contexts = [1, 40, 130]
-    num_blocks = sum(-(-c // block_size) for c in contexts) + 1
+    shapes = [(0, 1), (39, 1), (0, 50), (129, 1), (20, 13)]           # (cached, new)
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in shapes) + 1
     k_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(cache_dtype)
     v_cache = torch.randn(num_blocks, block_size, kv_heads, d, generator=g).to(cache_dtype)
     order = list(range(1, num_blocks))
-    tables = [[order.pop() for _ in range(-(-c // block_size))] for c in contexts]
-    slots = [tables[b][(c - 1) // block_size] * block_size + (c - 1) % block_size for b, c in enumerate(contexts)]
-    md = AttentionMetadata(torch.tensor(slots), [0, 1, 2], [1, 1, 1], contexts, tables, block_size)
+    tables = [[order.pop() for _ in range(-(-(c + n) // block_size))] for c, n in shapes]
+    slots, starts = [], []
+    for (cached, new), table in zip(shapes, tables):
+        starts.append(len(slots))
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
+    md = AttentionMetadata(torch.tensor(slots), starts, [n for _, n in shapes], [c + n for c, n in shapes], tables,
+                           block_size)
     backend.prepare(md)
-    md.prefill = []                 # as if the 1-token context were cached already: a decode-only step
-    md.decode.rows, md.decode.context_lens = torch.arange(3), torch.tensor(contexts)
-    md.decode.block_tables = torch.tensor([t + [0] * (9 - len(t)) for t in tables])
-    qkv = torch.randn(3, (heads + 2 * kv_heads) * d, generator=g)
-    freqs = torch.rand(3, 1, d // 2, generator=g) * 10
+    rows = len(slots)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    freqs = torch.rand(rows, 1, d // 2, generator=g) * 10
     rope = torch.cat([freqs.cos()] * 2, -1), torch.cat([-freqs.sin(), freqs.sin()], -1)
 
     k2, v2 = k_cache.clone(), v_cache.clone()
-    fused = backend.decode_step(qkv, rope, k_cache, v_cache, md, heads)
+    fused = backend.attention_step(qkv, rope, k_cache, v_cache, md, heads)
     qk, v = qkv.split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
-    qk = rotate(qk.reshape(3, heads + kv_heads, d), *rope)
+    qk = rotate(qk.reshape(rows, heads + kv_heads, d), *rope)
     q, k = qk.split([heads, kv_heads], dim=1)
-    expected = backend.forward(q, k, v.reshape(3, kv_heads, d), k2, v2, md).reshape(3, heads * d)
+    expected = backend.forward(q, k, v.reshape(rows, kv_heads, d), k2, v2, md).reshape(rows, heads * d)
     torch.testing.assert_close(fused, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(k_cache, k2, rtol=1e-6, atol=1e-6)
     assert torch.equal(v_cache, v2)

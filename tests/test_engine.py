@@ -77,9 +77,9 @@ def test_kv_cache_dtype_defaults_and_refusals(tiny_llm):
 
 
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
-def test_native_decode_loop_equals_the_python_loop(tiny_hf_dir, model):
-    """Decode-only steps with every linear on the VNNI kernel run all layers in one native call
-    (LlamaForCausalLM.native_layers); the Python loop over the same modules is the reference."""
+def test_native_layer_loop_equals_the_python_loop(tiny_hf_dir, model):
+    """With every linear on the VNNI kernel, each step (prefill, mixed and decode) runs all layers in one
+    native call (LlamaForCausalLM.native_layers); the Python loop over the same modules is the reference."""
     # No prefix caching: the second run's prompts would read the first run's cached keys (float16).
     llm = LLM(str(tiny_hf_dir) if model == "tiny" else model, quantization="int4", kv_cache_tokens=4096,
               enable_prefix_caching=False)
@@ -88,7 +88,7 @@ def test_native_decode_loop_equals_the_python_loop(tiny_hf_dir, model):
     native = llm.generate(prompts, params, use_tqdm=False)
     runner_model = llm.engine.runner.model
     if not runner_model.native_layers:
-        pytest.skip("no native decode loop here (no C++ compiler or no AVX-512 VNNI)")
+        pytest.skip("no native layer loop here (no C++ compiler or no AVX-512 VNNI)")
     runner_model.native_layers = False
     python = llm.generate(prompts, params, use_tqdm=False)
     assert token_ids(native) == token_ids(python)

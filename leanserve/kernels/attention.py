@@ -165,19 +165,34 @@ class TorchAttentionBackend:
         rows = torch.tensor([md.query_starts[s] for s in seqs])
         return DecodeTiles(rows, tile_seq, blocks, mask[:, None, None, :])
 
-    def decode_step(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, md: AttentionMetadata, num_heads: int) -> torch.Tensor | None:
-        """A decode-only step on float32 activations in one native call: rotary embedding of the queries
-        and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives them),
-        the new keys and values into the cache (of any float dtype), lean attention; returns [T, H D].
-        None where that does not apply (a batch with prefill segments, no native kernels, bfloat16
-        activations): use forward()."""
-        if md.prefill or self.kernels is None or qkv.dtype != torch.float32:
+    def native_step(self, md: AttentionMetadata, num_heads: int, k_cache: torch.Tensor) -> tuple | None:
+        """The step's arguments for the native attention_step and model_layers: prefill segments and their
+        block tables, decode rows, their block tables and context lengths (empty where the step has none).
+        None where the native step does not apply: no native kernels, or prefill segments of a head
+        layout prefill_attention does not take."""
+        if self.kernels is None:
+            return None
+        prefill, decode = md.native_prefill, md.decode
+        if prefill is not None and not self.kernels.prefill_attention_supported(num_heads, *k_cache.shape[2:]):
+            return None
+        none = torch.empty(0, 1, dtype=torch.long)
+        return (prefill.segments if prefill else none.view(0, 3), prefill.block_tables if prefill else none,
+                decode.rows if decode else none.view(0), decode.block_tables if decode else none,
+                decode.context_lens if decode else none.view(0))
+
+    def attention_step(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
+                       v_cache: torch.Tensor, md: AttentionMetadata, num_heads: int) -> torch.Tensor | None:
+        """One layer's attention for the step in one native call, on float32 activations: rotary embedding of
+        the queries and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives
+        them), the new keys and values into the cache (of any float dtype), prefill_attention for the prefill
+        segments, lean attention for the decode rows; returns [T, H D]. None where that does not apply
+        (see native_step; bfloat16 activations): use forward()."""
+        step = self.native_step(md, num_heads, k_cache)
+        if step is None or qkv.dtype != torch.float32:
             return None
         cos, sin = rope
-        return self.kernels.decode_attention_step(
-            qkv, cos, sin, k_cache, v_cache, md.slot_mapping, md.decode.block_tables, md.decode.context_lens,
-            num_heads, self.tile_size, 1.0 / math.sqrt(k_cache.shape[-1]))
+        return self.kernels.attention_step(qkv, cos, sin, k_cache, v_cache, md.slot_mapping, *step, num_heads,
+                                           self.tile_size, 1.0 / math.sqrt(k_cache.shape[-1]))
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:

@@ -13,23 +13,24 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("cpu") / name
-           for name in ("kernels.cpp", "prefill_attention.cpp", "vnni_linear.cpp", "decode_layers.cpp")]
+           for name in ("kernels.cpp", "prefill_attention.cpp", "vnni_linear.cpp", "step_layers.cpp")]
 
 
 @functools.cache
 def native_kernels():
-    """The compiled module (`lean_attention_decode`, `decode_attention_step`, `fused_add_rms_norm`,
+    """The compiled module (`lean_attention_decode`, `fused_add_rms_norm`, `silu_mul`,
     `prefill_attention_supported`, `prefill_attention`, `vnni_available`, `int4_vnni_pack`, `int8_vnni_pack`,
-    `vnni_linear`, `decode_layers`), or None."""
+    `vnni_linear`, `attention_step`, `model_layers`), or None."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
         return load_inline(name="leanserve_cpu_kernels", cpp_sources=[source.read_text() for source in SOURCES],
-                           functions=["lean_attention_decode", "decode_attention_step", "fused_add_rms_norm",
+                           functions=["lean_attention_decode", "fused_add_rms_norm", "silu_mul",
                                       "prefill_attention_supported", "prefill_attention", "vnni_available",
-                                      "int4_vnni_pack", "int8_vnni_pack", "vnni_linear", "decode_layers"],
+                                      "int4_vnni_pack", "int8_vnni_pack", "vnni_linear", "attention_step",
+                                      "model_layers"],
                            extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
         log.warning("native CPU kernels unavailable (%s: %s); using the torch versions",

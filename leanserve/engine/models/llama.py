@@ -103,7 +103,7 @@ class LlamaAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         qkv = self.qkv_proj(x)
         md = get_forward_context()
-        fused = getattr(self.backend, "decode_step", None)       # rotary + cache write + attention, one call
+        fused = getattr(self.backend, "attention_step", None)    # rotary + cache write + attention, one call
         out = fused(qkv, rope, self.k_cache, self.v_cache, md, self.num_heads) if fused is not None else None
         if out is None:
             qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
@@ -122,7 +122,11 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        kernels = native_kernels()
+        if kernels is not None and gate_up.dtype == torch.float32:
+            return self.down_proj(kernels.silu_mul(gate_up))       # the native loop's activation, one pass
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -155,7 +159,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.requires_grad_(False)
-        self.native_layers: tuple | bool | None = None      # decode_layers' arguments; set at the first step
+        self.native_layers: tuple | bool | None = None      # model_layers' arguments; set at the first step
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat token batch (before the final norm)."""
@@ -164,19 +168,21 @@ class LlamaForCausalLM(nn.Module):
         if self.native_layers is None:
             self.native_layers = self._native_layer_arguments()
         md = get_forward_context()
-        if self.native_layers and not md.prefill and x.dtype == torch.float32:
-            # A decode-only step where every linear runs on the VNNI kernel: the same loop, in one native call.
+        if self.native_layers and x.dtype == torch.float32:
+            # Every linear runs on the VNNI kernel: the same loop, in one native call.
             kernels, weights, groups, k_caches, v_caches, backend = self.native_layers
             attn = self.layers[0].self_attn
-            return kernels.decode_layers(x, weights, groups, k_caches, v_caches, self.config.rms_norm_eps, *rope,
-                                         md.slot_mapping, md.decode.block_tables, md.decode.context_lens,
-                                         attn.num_heads, backend.tile_size, attn.head_dim ** -0.5)
+            step = backend.native_step(md, attn.num_heads, attn.k_cache)
+            if step is not None:
+                return kernels.model_layers(x, weights, groups, k_caches, v_caches, self.config.rms_norm_eps, *rope,
+                                            md.slot_mapping, *step, attn.num_heads, backend.tile_size,
+                                            attn.head_dim ** -0.5)
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
         return x + residual
 
     def _native_layer_arguments(self) -> tuple | bool:
-        """decode_layers' fixed arguments, or False where the native loop does not apply: no native
+        """model_layers' fixed arguments, or False where the native loop does not apply: no native
         attention kernels, or a linear off the VNNI kernel."""
         backend = self.layers[0].self_attn.backend
         kernels = getattr(backend, "kernels", None)

@@ -273,58 +273,41 @@ torch::Tensor lean_attention_decode(torch::Tensor q, torch::Tensor k_cache, torc
   return out.to(q.scalar_type());
 }
 
-// A decode-only step's attention for one layer in one call, on float32 activations: the rotary
-// embedding of the queries and keys in qkv [B, (H + 2 Hkv) D] (cos and signed sin [B, D], HF's
-// rotate-half layout: x cos + roll(x, D/2) sin), the new keys and values written to their cache
-// slots (float32, float16 or bfloat16), then lean_attention_decode. Returns [B, H D] float32.
+// The rotary embedding of a step's queries and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin
+// [T, D], HF's rotate-half layout: x cos + roll(x, D/2) sin): queries into q [T, H, D], times
+// `scale`; keys (rotated) and values into their cache slots (float32, float16 or bfloat16) and,
+// where k_rows and v_rows are given, into those [T, Hkv, D] float32 as well.
 template <typename scalar_t>
 void write_rotated(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t batch,
                    int64_t heads, int64_t kv_heads, int64_t dim, float scale, float* q, scalar_t* k_cache,
-                   scalar_t* v_cache) {
+                   scalar_t* v_cache, float* k_rows, float* v_rows) {
   const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
-  for (int64_t b = 0; b < batch; ++b) {
-    const float* row = qkv + b * width;
-    const float* cb = cos + b * dim;
-    const float* sb = sin + b * dim;
-    for (int64_t h = 0; h < heads; ++h) {                  // queries, rotated and scaled
-      const float* src = row + h * dim;
-      float* dst = q + (b * heads + h) * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * scale;
-    }
-    for (int64_t h = 0; h < kv_heads; ++h) {               // keys, rotated; values as they are
-      const float* src = row + (heads + h) * dim;
-      const float* value = row + (heads + kv_heads + h) * dim;
-      scalar_t* k = k_cache + (slots[b] * kv_heads + h) * dim;
-      scalar_t* v = v_cache + (slots[b] * kv_heads + h) * dim;
-      for (int64_t d = 0; d < dim; ++d) {
-        k[d] = static_cast<scalar_t>(src[d] * cb[d] + src[(d + half) % dim] * sb[d]);
-        v[d] = static_cast<scalar_t>(value[d]);
+  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = qkv + b * width;
+      const float* cb = cos + b * dim;
+      const float* sb = sin + b * dim;
+      for (int64_t h = 0; h < heads; ++h) {                  // queries, rotated and scaled
+        const float* src = row + h * dim;
+        float* dst = q + (b * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * scale;
+      }
+      for (int64_t h = 0; h < kv_heads; ++h) {               // keys, rotated; values as they are
+        const float* src = row + (heads + h) * dim;
+        const float* value = row + (heads + kv_heads + h) * dim;
+        scalar_t* k = k_cache + (slots[b] * kv_heads + h) * dim;
+        scalar_t* v = v_cache + (slots[b] * kv_heads + h) * dim;
+        float* k_row = k_rows ? k_rows + (b * kv_heads + h) * dim : nullptr;
+        for (int64_t d = 0; d < dim; ++d) {
+          const float rotated = src[d] * cb[d] + src[(d + half) % dim] * sb[d];
+          k[d] = static_cast<scalar_t>(rotated);
+          v[d] = static_cast<scalar_t>(value[d]);
+          if (k_row) k_row[d] = rotated;
+        }
+        if (v_rows) std::copy_n(value, dim, v_rows + (b * kv_heads + h) * dim);
       }
     }
-  }
-}
-
-torch::Tensor decode_attention_step(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, torch::Tensor k_cache,
-                                    torch::Tensor v_cache, torch::Tensor slot_mapping, torch::Tensor block_tables,
-                                    torch::Tensor context_lens, int64_t heads, int64_t tile, double scale) {
-  TORCH_CHECK(qkv.scalar_type() == torch::kFloat32 && cos.scalar_type() == torch::kFloat32 &&
-                  k_cache.scalar_type() == v_cache.scalar_type(), "float32 activations, one cache dtype");
-  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && slot_mapping.scalar_type() == torch::kInt64,
-              "contiguous caches and int64 slots");
-  const int64_t batch = qkv.size(0), kv_heads = k_cache.size(2), dim = k_cache.size(3);
-  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (heads + 2 * kv_heads) * dim && slot_mapping.size(0) == batch,
-              "qkv does not fit the cache's heads");
-  torch::Tensor x = qkv.contiguous(), c = cos.reshape({batch, dim}).contiguous(), sn = sin.reshape({batch, dim}).contiguous();
-  torch::Tensor slots = slot_mapping.contiguous();
-  torch::Tensor q = torch::empty({batch, heads, dim}, torch::kFloat32);
-  torch::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, k_cache.scalar_type(), "decode_attention_step", [&] {
-    write_rotated<scalar_t>(x.data_ptr<float>(), c.data_ptr<float>(), sn.data_ptr<float>(), slots.data_ptr<int64_t>(),
-                            batch, heads, kv_heads, dim, static_cast<float>(scale), q.data_ptr<float>(),
-                            k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>());
-    out = lean_decode_impl<scalar_t>(q, k_cache, v_cache, block_tables.contiguous(), context_lens.contiguous(), tile);
   });
-  return out.view({batch, heads * dim});
 }
 
 // In place, for float32 [T, H] rows: residual += x, then x = residual * rsqrt(mean(residual^2) + eps)
@@ -353,4 +336,34 @@ void fused_add_rms_norm(torch::Tensor x, torch::Tensor residual, torch::Tensor w
       for (int64_t i = 0; i < hidden; ++i) xr[i] = rr[i] * inverse * w[i];
     }
   });
+}
+
+// gate_up [T, 2 I] float32 -> silu(gate) * up [T, I], silu(x) = x / (1 + exp(-x)): the MLP's
+// activation in one pass (exp16 where AVX-512 builds).
+torch::Tensor silu_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.scalar_type() == torch::kFloat32 && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
+              "gate_up must be float32 [T, 2 I]");
+  const torch::Tensor x = gate_up.contiguous();
+  const int64_t rows = x.size(0), width = x.size(1) / 2;
+  torch::Tensor out = torch::empty({rows, width}, torch::kFloat32);
+  const float* xd = x.data_ptr<float>();
+  float* od = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* gate = xd + r * 2 * width;
+      const float* up = gate + width;
+      float* o = od + r * width;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= width; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gate + i);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.f), e)),
+                                              _mm512_loadu_ps(up + i)));
+      }
+#endif
+      for (; i < width; ++i) o[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+    }
+  });
+  return out;
 }

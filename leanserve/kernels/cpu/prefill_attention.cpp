@@ -183,26 +183,14 @@ bool prefill_attention_supported(int64_t heads, int64_t kv_heads, int64_t head_d
 #endif
 }
 
-// q [T, H, D], k and v [T, Hkv, D]: the step's rows, float32 (q rotated, unscaled). segments int64
-// [S, 3]: (first row, new tokens, context = cached + new) of each prefill segment, whose new tokens
-// are positions [context - new, context); block_tables int64 [S, >= blocks] reach its cached prefix
-// in k_cache and v_cache [num_blocks, block_size, Hkv, D]. Writes the segments' rows of out [T, H, D].
-void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
-                       torch::Tensor segments, torch::Tensor block_tables, double scale, torch::Tensor out) {
-#if !defined(__AVX512F__)
-  TORCH_CHECK(false, "prefill_attention needs AVX-512");
-#else
-  const int64_t heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
-  TORCH_CHECK(prefill_attention_supported(heads, kv_heads, dim), "unsupported head layout");
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
-                  v.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32, "float32 rows");
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
-                  k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors");
-  TORCH_CHECK(segments.scalar_type() == torch::kInt64 && block_tables.scalar_type() == torch::kInt64 &&
-                  segments.is_contiguous() && block_tables.is_contiguous(), "int64 segments and block tables");
-  TORCH_CHECK(k_cache.size(2) == kv_heads && k_cache.size(3) == dim && out.sizes() == q.sizes(), "shapes do not match");
-  pybind11::gil_scoped_release no_gil;
-  const int64_t groups = heads / kv_heads, per_item = kRows / groups;
+namespace {
+
+// prefill_attention without its checks, for callers that hold no GIL (step_layers.cpp).
+void prefill_attention_impl(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                            const torch::Tensor& k_cache, const torch::Tensor& v_cache, const torch::Tensor& segments,
+                            const torch::Tensor& block_tables, double scale, torch::Tensor& out) {
+#if defined(__AVX512F__)
+  const int64_t heads = q.size(1), kv_heads = k.size(1), per_item = kRows / (heads / kv_heads);
   const int64_t* seg_data = segments.data_ptr<int64_t>();
   std::vector<PrefillSegment> segs;
   std::vector<PrefillItem> items;
@@ -222,4 +210,25 @@ void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch:
     }
   });
 #endif
+}
+
+}  // namespace
+
+// q [T, H, D], k and v [T, Hkv, D]: the step's rows, float32 (q rotated, unscaled). segments int64
+// [S, 3]: (first row, new tokens, context = cached + new) of each prefill segment, whose new tokens
+// are positions [context - new, context); block_tables int64 [S, >= blocks] reach its cached prefix
+// in k_cache and v_cache [num_blocks, block_size, Hkv, D]. Writes the segments' rows of out [T, H, D].
+void prefill_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache,
+                       torch::Tensor segments, torch::Tensor block_tables, double scale, torch::Tensor out) {
+  const int64_t heads = q.size(1), kv_heads = k.size(1), dim = q.size(2);
+  TORCH_CHECK(prefill_attention_supported(heads, kv_heads, dim), "unsupported head layout (or no AVX-512)");
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && k.scalar_type() == torch::kFloat32 &&
+                  v.scalar_type() == torch::kFloat32 && out.scalar_type() == torch::kFloat32, "float32 rows");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous() && out.is_contiguous() &&
+                  k_cache.is_contiguous() && v_cache.is_contiguous(), "contiguous tensors");
+  TORCH_CHECK(segments.scalar_type() == torch::kInt64 && block_tables.scalar_type() == torch::kInt64 &&
+                  segments.is_contiguous() && block_tables.is_contiguous(), "int64 segments and block tables");
+  TORCH_CHECK(k_cache.size(2) == kv_heads && k_cache.size(3) == dim && out.sizes() == q.sizes(), "shapes do not match");
+  pybind11::gil_scoped_release no_gil;
+  prefill_attention_impl(q, k, v, k_cache, v_cache, segments, block_tables, scale, out);
 }
