@@ -116,8 +116,7 @@ class AsyncLLM:
             outputs = engine.step()
             if self.on_step is not None:
                 self.on_step(engine.scheduler.num_computed_tokens - before)
-            for output in outputs:
-                self._deliver(output.request_id, output)
+            self._deliver_all(outputs)
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -143,3 +142,18 @@ class AsyncLLM:
         if target is not None:
             loop, stream = target
             loop.call_soon_threadsafe(stream.put_nowait, item)
+
+    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
+        """A step's outputs, one wake-up of each event loop for all of them (not one per request)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            target = self._streams.get(output.request_id)
+            if target is not None:
+                by_loop.setdefault(target[0], []).append((target[1], output))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for stream, output in items:
+        stream.put_nowait(output)

@@ -63,9 +63,11 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         registry, label = self.registry, ["model_name"]
-        self.prompt_tokens = Counter("leanserve:prompt_tokens", "Prompt tokens processed.", label, registry=registry)
+        # Labelled once: .labels() takes a lock and a dict lookup, and generation_tokens counts every token.
+        self.prompt_tokens = Counter("leanserve:prompt_tokens", "Prompt tokens processed.", label,
+                                     registry=registry).labels(model_name)
         self.generation_tokens = Counter("leanserve:generation_tokens", "Tokens generated.", label,
-                                         registry=registry)
+                                         registry=registry).labels(model_name)
         self.request_success = Counter("leanserve:request_success", "Finished sequences by finish reason.",
                                        label + ["finished_reason"], registry=registry)
         self.http_requests = Counter("leanserve:http_requests", "HTTP requests by method, path and status.",
@@ -109,14 +111,14 @@ class RequestTracker:
         if new:
             if self.last_token is None:
                 m.ttft.observe(now - self.start)
-                m.prompt_tokens.labels(m.model_name).inc(self.prompt_tokens)
+                m.prompt_tokens.inc(self.prompt_tokens)
                 if output.first_scheduled_time is not None:
                     m.queue_time.observe(max(0.0, output.first_scheduled_time - output.arrival_time))
             else:
                 m.itl.observe(now - self.last_token)
             self.last_token = now
             self.generated += new
-            m.generation_tokens.labels(m.model_name).inc(new)
+            m.generation_tokens.inc(new)
         if output.finished:
             m.e2e.observe(now - self.start)
             m.request_prompt_tokens.observe(self.prompt_tokens)

@@ -173,18 +173,24 @@ torch::Tensor vnni_linear(torch::Tensor x, torch::Tensor packed, torch::Tensor s
         const float* v = xd + m * in_features + b * kBlock;
         int8_t* hi = xqd + m * 2 * in_features + b * 2 * kBlock;
         int8_t* lo = hi + kBlock;
-        float amax = 0.f;
-        for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(v[i]));
+        const __m512 x0 = _mm512_loadu_ps(v), x1 = _mm512_loadu_ps(v + 16);
+        const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
         const float inv = amax > 0.f ? 127.f / amax : 0.f, s = amax / 127.f;
-        int32_t sum_hi = 0, sum_lo = 0;
-        for (int64_t i = 0; i < kBlock; ++i) {
-          const float u = v[i] * inv, h = std::nearbyint(u);
-          hi[i] = static_cast<int8_t>(h);
-          lo[i] = static_cast<int8_t>(std::clamp(std::nearbyint((u - h) * 256.f), -127.f, 127.f));
-          sum_hi += hi[i], sum_lo += lo[i];
+        __m512i sums = _mm512_setzero_si512();     // 256 hi + lo, summed over the block (exact in int32)
+        for (int half = 0; half < 2; ++half) {       // u = x / s; hi = round(u); lo = round((u - hi) 256)
+          constexpr int nearest = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+          const __m512 u = _mm512_mul_ps(half ? x1 : x0, _mm512_set1_ps(inv));
+          const __m512 h = _mm512_roundscale_ps(u, nearest);
+          const __m512 l = _mm512_min_ps(_mm512_max_ps(_mm512_roundscale_ps(
+              _mm512_mul_ps(_mm512_sub_ps(u, h), _mm512_set1_ps(256.f)), nearest), _mm512_set1_ps(-127.f)),
+              _mm512_set1_ps(127.f));
+          const __m512i hi32 = _mm512_cvtps_epi32(h), lo32 = _mm512_cvtps_epi32(l);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + 16 * half), _mm512_cvtsepi32_epi8(hi32));
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + 16 * half), _mm512_cvtsepi32_epi8(lo32));
+          sums = _mm512_add_epi32(sums, _mm512_add_epi32(_mm512_slli_epi32(hi32, 8), lo32));
         }
         xsd[(m * blocks + b) * 2] = s;
-        xsd[(m * blocks + b) * 2 + 1] = s * (static_cast<float>(sum_hi) + static_cast<float>(sum_lo) / 256.f);
+        xsd[(m * blocks + b) * 2 + 1] = s * (static_cast<float>(_mm512_reduce_add_epi32(sums)) / 256.f);
       }
     }
   });
