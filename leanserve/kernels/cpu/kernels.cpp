@@ -16,6 +16,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -212,7 +213,9 @@ torch::Tensor lean_decode_impl(const torch::Tensor& qf, const torch::Tensor& k_c
     seq_first[b + 1] = static_cast<int64_t>(tile_seq.size());
   }
   const int64_t num_tiles = static_cast<int64_t>(tile_seq.size());
-  std::vector<float> partial_out(num_tiles * heads * dim), partial_lse(num_tiles * heads);
+  // Every tile writes all of its partial outputs and log-sum-exps: no need to zero them first.
+  const std::unique_ptr<float[]> partial_out(new float[num_tiles * heads * dim]);
+  const std::unique_ptr<float[]> partial_lse(new float[num_tiles * heads]);
 
   const float* qd = qf.data_ptr<float>();
   const scalar_t* kd = k_cache.data_ptr<scalar_t>();
@@ -223,8 +226,8 @@ torch::Tensor lean_decode_impl(const torch::Tensor& qf, const torch::Tensor& k_c
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = tile_seq[i], s = tile_start[i];
       attend_tile<scalar_t>(qd + b * heads * dim, kd, vd, tables + b * table_stride, s, std::min(s + tile, lens[b]),
-                            block_size, kv_heads, groups, dim, scores.data(), partial_out.data() + i * heads * dim,
-                            partial_lse.data() + i * heads);
+                            block_size, kv_heads, groups, dim, scores.data(), partial_out.get() + i * heads * dim,
+                            partial_lse.get() + i * heads);
     }
   });
 
@@ -241,7 +244,7 @@ torch::Tensor lean_decode_impl(const torch::Tensor& qf, const torch::Tensor& k_c
       for (int64_t i = seq_first[b]; i < seq_first[b + 1]; ++i) {
         const float w = std::exp(partial_lse[i * heads + h] - top);
         total += w;
-        const float* p = partial_out.data() + (i * heads + h) * dim;
+        const float* p = partial_out.get() + (i * heads + h) * dim;
         for (int64_t d = 0; d < dim; ++d) o[d] += w * p[d];
       }
       for (int64_t d = 0; d < dim; ++d) o[d] /= total;
