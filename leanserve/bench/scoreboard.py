@@ -83,15 +83,22 @@ def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: lis
     results = {}
     for workload in workloads:
         chosen, workload_rate, concurrency = specs[workload]
-        outcomes, duration = asyncio.run(run_load(
-            base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
-            seed=args.seed, api_key=None))
-        results[workload] = summarize(outcomes, duration, {})
+        runs = []
+        for _ in range(args.repeats):
+            outcomes, duration = asyncio.run(run_load(
+                base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
+                seed=args.seed, api_key=None))
+            runs.append((summarize(outcomes, duration, {}), outcomes))
+            print(f"{name} {workload}: {runs[-1][0]['output_token_throughput']:.1f} output tok/s, "
+                  f"TTFT p50 {runs[-1][0]['ttft_ms']['p50']:.0f} ms", flush=True)
+        # The run with the median output tokens/s stands for the workload (this machine's speed drifts).
+        runs.sort(key=lambda run: run[0]["output_token_throughput"])
+        summary, outcomes = runs[(len(runs) - 1) // 2]
+        summary["runs_output_token_throughput"] = [run[0]["output_token_throughput"] for run in runs]
         path = plots / f"{name}-{workload}.png"
         plot(outcomes, str(path), f"{name}: {workload}")
-        results[workload]["plot"] = str(path)
-        print(f"{name} {workload}: {results[workload]['output_token_throughput']:.1f} output tok/s, "
-              f"TTFT p50 {results[workload]['ttft_ms']['p50']:.0f} ms", flush=True)
+        summary["plot"] = str(path)
+        results[workload] = summary
     return results
 
 
@@ -131,6 +138,9 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
              f"Workload: `{args.workload}` (streamed chat, greedy, `ignore_eos`: every engine produces exactly "
              "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
              "the same weights dequantized to safetensors for vLLM).", ""]
+    if args.repeats > 1:
+        lines += [f"Each workload ran {args.repeats} times per engine; each row is the run with the median output "
+                  "tokens/s, with the lowest and highest of all runs in parentheses.", ""]
     for workload, title in [("all_at_once", "(1) first 64 requests, all at once"),
                             ("poisson", "(2) Poisson arrivals at 80% of llama-server's capacity"),
                             ("one_at_a_time", "(3) one request at a time")]:
@@ -144,7 +154,9 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
                 continue
             if s is None:
                 continue
-            lines.append(f"| {engine} | {cell(s, 'output_token_throughput')} | {s['request_throughput']:.3f} | "
+            runs = s.get("runs_output_token_throughput", [])
+            spread = f" ({runs[0]:.1f}-{runs[-1]:.1f})" if len(runs) > 1 else ""
+            lines.append(f"| {engine} | {cell(s, 'output_token_throughput')}{spread} | {s['request_throughput']:.3f} | "
                          f"{cell(s, 'ttft_ms', 'p50')} | {cell(s, 'ttft_ms', 'p99')} | {cell(s, 'tpot_ms', 'p50')} | "
                          f"{cell(s, 'tpot_ms', 'p99')} | {cell(s, 'e2el_ms', 'p50')} | {s['failed']} |")
         lines += [""] + verdict(results, workload) + [f"![{e} {workload}](plots/{Path(r[workload]['plot']).name})"
@@ -160,6 +172,8 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeats < 1:
+        raise ValueError("--repeats must be at least 1")
     out = Path(args.out)
     plots = out.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -204,4 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poisson-requests", type=int, default=64)
     parser.add_argument("--single-requests", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each workload per engine; the run with the median output tokens/s is reported")
     parser.add_argument("--out", default="docs/benchmarks.md")
