@@ -81,22 +81,14 @@ def test_a_server_without_its_model_is_a_clear_error():
 
 
 def test_scoreboard_reports_the_median_of_repeated_runs(monkeypatch, tmp_path):
-    """Each workload runs --repeats times; the run with the median output tokens/s stands for it."""
-    import argparse
-
+    """With --repeats, the run with the median output tokens/s stands for each workload."""
     from leanserve.bench import scoreboard
 
-    durations = iter([2.0, 1.0, 4.0])             # 10 output tokens each: 5, 10 and 2.5 tok/s
-
-    async def fake_load(*args, **kwargs):
-        done = RequestResult(ok=True, start=0.0, ttft=0.1, latency=1.0, output_tokens=10, token_times=[0.1, 1.0])
-        return [done], next(durations)
-
-    monkeypatch.setattr(scoreboard, "run_load", fake_load)
     monkeypatch.setattr(scoreboard, "plot", lambda outcomes, path, title: None)
-    monkeypatch.setattr(scoreboard, "load_workload", lambda path: [ChatRequest("1", [], 10)])
-    args = argparse.Namespace(workload="w", repeats=3, seed=0, poisson_requests=1, single_requests=1)
-    results = scoreboard.run_workloads("http://x", args, "engine", ["all_at_once"], None, tmp_path)
-    summary = results["all_at_once"]
-    assert summary["output_token_throughput"] == pytest.approx(5.0)
-    assert summary["runs_output_token_throughput"] == pytest.approx([2.5, 5.0, 10.0])
+    runs = [({"output_token_throughput": tok_s}, [tok_s]) for tok_s in (5.0, 10.0, 2.5)]
+    summary = scoreboard.median_runs("engine", {"all_at_once": runs}, tmp_path)["all_at_once"]
+    assert summary["output_token_throughput"] == 5.0
+    assert summary["runs_output_token_throughput"] == [2.5, 5.0, 10.0]
+    assert summary["plot"] == str(tmp_path / "engine-all_at_once.png")
+    two = scoreboard.median_runs("engine", {"poisson": runs[:2]}, tmp_path)["poisson"]
+    assert two["output_token_throughput"] == 5.0          # of two runs, the lower

@@ -74,8 +74,9 @@ def engine_commands(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
     return commands
 
 
-def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: list[str], rate: float | None,
-                  plots: Path) -> dict:
+def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: list[str],
+                  rate: float | None) -> dict[str, tuple[dict, list]]:
+    """Each workload once against the server at `base`: {workload: (summary, per-request outcomes)}."""
     requests = load_workload(args.workload)
     specs = {"all_at_once": (requests[:64], float("inf"), None),
              "poisson": (requests[:args.poisson_requests], rate, None),
@@ -83,18 +84,23 @@ def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: lis
     results = {}
     for workload in workloads:
         chosen, workload_rate, concurrency = specs[workload]
-        runs = []
-        for _ in range(args.repeats):
-            outcomes, duration = asyncio.run(run_load(
-                base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
-                seed=args.seed, api_key=None))
-            runs.append((summarize(outcomes, duration, {}), outcomes))
-            print(f"{name} {workload}: {runs[-1][0]['output_token_throughput']:.1f} output tok/s, "
-                  f"TTFT p50 {runs[-1][0]['ttft_ms']['p50']:.0f} ms", flush=True)
-        # The run with the median output tokens/s stands for the workload (this machine's speed drifts).
-        runs.sort(key=lambda run: run[0]["output_token_throughput"])
-        summary, outcomes = runs[(len(runs) - 1) // 2]
-        summary["runs_output_token_throughput"] = [run[0]["output_token_throughput"] for run in runs]
+        outcomes, duration = asyncio.run(run_load(
+            base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
+            seed=args.seed, api_key=None))
+        results[workload] = (summarize(outcomes, duration, {}), outcomes)
+        print(f"{name} {workload}: {results[workload][0]['output_token_throughput']:.1f} output tok/s, "
+              f"TTFT p50 {results[workload][0]['ttft_ms']['p50']:.0f} ms", flush=True)
+    return results
+
+
+def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path) -> dict:
+    """Per workload, the run with the median output tokens/s (the lower middle one of an even count), with
+    its plot and every run's output tokens/s: this machine's speed drifts by 10-15% over minutes."""
+    results = {}
+    for workload, measured in runs.items():
+        measured = sorted(measured, key=lambda run: run[0]["output_token_throughput"])
+        summary, outcomes = measured[(len(measured) - 1) // 2]
+        summary["runs_output_token_throughput"] = [s["output_token_throughput"] for s, _ in measured]
         path = plots / f"{name}-{workload}.png"
         plot(outcomes, str(path), f"{name}: {workload}")
         summary["plot"] = str(path)
@@ -139,8 +145,9 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
              "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
              "the same weights dequantized to safetensors for vLLM).", ""]
     if args.repeats > 1:
-        lines += [f"Each workload ran {args.repeats} times per engine; each row is the run with the median output "
-                  "tokens/s, with the lowest and highest of all runs in parentheses.", ""]
+        lines += [f"Each engine was started {args.repeats} times and run through the workloads each time (a fresh "
+                  "server, so no prefix cache carries over); each row is the run with the median output tokens/s, "
+                  "with the lowest and highest of all runs in parentheses.", ""]
     for workload, title in [("all_at_once", "(1) first 64 requests, all at once"),
                             ("poisson", "(2) Poisson arrivals at 80% of llama-server's capacity"),
                             ("one_at_a_time", "(3) one request at a time")]:
@@ -182,24 +189,28 @@ def run(args: argparse.Namespace) -> int:
     rate = None
     for name in [e for e in ("llama-server", "vllm", "leanserve") if e in commands]:
         command, startup = commands[name]
-        print(f"starting {name}: {command}", flush=True)
-        process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=subprocess.DEVNULL,
-                                   stderr=open(plots / f"{name}.log", "w"))
+        runs: dict[str, list] = {}
         try:
-            base = f"http://127.0.0.1:{args.port}"
-            wait_healthy(base, process, startup)
-            if name == "llama-server":         # its capacity sets the Poisson rate for everyone
-                results[name] = run_workloads(base, args, name, ["all_at_once"], None, plots)
-                rate = 0.8 * results[name]["all_at_once"]["request_throughput"]
-                results[name].update(run_workloads(base, args, name, ["poisson", "one_at_a_time"], rate, plots))
-            else:
-                workloads = ["all_at_once", "poisson", "one_at_a_time"] if rate else ["all_at_once", "one_at_a_time"]
-                results[name] = run_workloads(base, args, name, workloads, rate, plots)
+            for attempt in range(args.repeats):      # a fresh server each time: no prefix cache carries over
+                print(f"starting {name} ({attempt + 1} of {args.repeats}): {command}", flush=True)
+                process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=subprocess.DEVNULL,
+                                           stderr=open(plots / f"{name}.log", "w"))
+                try:
+                    base = f"http://127.0.0.1:{args.port}"
+                    wait_healthy(base, process, startup)
+                    measured = run_workloads(base, args, name, ["all_at_once"], None)
+                    if name == "llama-server" and rate is None:     # its capacity sets everyone's Poisson rate
+                        rate = 0.8 * measured["all_at_once"][0]["request_throughput"]
+                    measured.update(run_workloads(base, args, name, ["poisson", "one_at_a_time"] if rate else
+                                                  ["one_at_a_time"], rate))
+                    for workload, run in measured.items():
+                        runs.setdefault(workload, []).append(run)
+                finally:
+                    stop(process)
         except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
             print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
-            results.setdefault(name, {})["error"] = f"{type(e).__name__}: {e}"
-        finally:
-            stop(process)
+            results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results.setdefault(name, {}).update(median_runs(name, runs, plots))
     if "transformers" in args.engines:
         results["transformers"] = {"one_at_a_time": transformers_one_at_a_time(args)}
     (out.parent / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
@@ -219,5 +230,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-requests", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="runs of each workload per engine; the run with the median output tokens/s is reported")
+                        help="times each engine is started and run through the workloads; per workload, the run "
+                             "with the median output tokens/s is reported")
     parser.add_argument("--out", default="docs/benchmarks.md")

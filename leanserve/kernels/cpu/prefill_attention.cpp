@@ -17,7 +17,6 @@
 
 #include <algorithm>
 #include <limits>
-#include <numeric>
 #include <vector>
 
 namespace {
@@ -42,7 +41,8 @@ void gather_keys(const PrefillSegment& seg, const scalar_t* cache, const float* 
     if (pos >= cached) {
       std::copy_n(fresh + ((seg.start + pos - cached) * kv_heads + head) * dim, dim, dst);
     } else {
-      const scalar_t* src = cache + ((seg.table[pos / block_size] * block_size + pos % block_size) * kv_heads + head) * dim;
+      const int64_t slot = seg.table[pos / block_size] * block_size + pos % block_size;
+      const scalar_t* src = cache + (slot * kv_heads + head) * dim;
       for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(dst + d, load16(src + d));
     }
   }
