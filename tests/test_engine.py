@@ -76,6 +76,21 @@ def test_kv_cache_dtype_defaults_and_refusals(tiny_llm):
         EngineConfig(kv_cache_dtype="float16", attention_backend="triton")
 
 
+def test_native_silu_mul_matches_torch():
+    """The MLP activation kernel against silu(gate) * up in float64, tails of the 16-wide vectors and
+    saturating inputs included."""
+    from leanserve.kernels.cpu_kernels import native_kernels
+
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("the native CPU kernels did not build here")
+    gate_up = torch.randn(5, 2 * 37) * 8
+    gate_up[0, :4] = torch.tensor([100.0, -100.0, 0.0, -0.0])
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    torch.testing.assert_close(kernels.silu_mul(gate_up).double(), torch.nn.functional.silu(gate) * up,
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("model", ["tiny", "smollm2"])
 def test_native_layer_loop_equals_the_python_loop(tiny_hf_dir, model):
     """With every linear on the VNNI kernel, each step (prefill, mixed and decode) runs all layers in one
