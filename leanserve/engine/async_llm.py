@@ -116,7 +116,7 @@ class AsyncLLM:
             outputs = engine.step()
             if self.on_step is not None:
                 self.on_step(engine.scheduler.num_computed_tokens - before)
-            self._deliver_all(outputs)
+            self._deliver_all([(output.request_id, output) for output in outputs])
 
     def _apply_commands(self, block: bool) -> None:
         try:
@@ -138,22 +138,19 @@ class AsyncLLM:
                 return
 
     def _deliver(self, request_id: str, item) -> None:
-        target = self._streams.get(request_id)
-        if target is not None:
-            loop, stream = target
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._deliver_all([(request_id, item)])
 
-    def _deliver_all(self, outputs: list[RequestOutput]) -> None:
-        """A step's outputs, one wake-up of each event loop for all of them (not one per request)."""
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """(request id, output or error) pairs: one wake-up of each event loop for all of them."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for output in outputs:
-            target = self._streams.get(output.request_id)
+        for request_id, item in items:
+            target = self._streams.get(request_id)
             if target is not None:
-                by_loop.setdefault(target[0], []).append((target[1], output))
-        for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+                by_loop.setdefault(target[0], []).append((target[1], item))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, batch)
 
 
-def _put_all(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for stream, output in items:
-        stream.put_nowait(output)
+def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

@@ -69,11 +69,12 @@ class LLMEngine:
         self._group_of: dict[str, _Group] = {}
         kv_tokens = num_blocks * config.block_size
         kv_dtype = config.kv_cache_torch_dtype
+        kv_name = str(kv_dtype).removeprefix("torch.")
         log.info("loaded %s (%s, %d layers, %s, %s weights); KV cache %d tokens in %d blocks of %d, %s",
                  checkpoint.path, self.model_config.architecture, self.model_config.num_hidden_layers,
-                 config.dtype, self.quantization, kv_tokens, num_blocks, config.block_size, str(kv_dtype)[6:],
+                 config.dtype, self.quantization, kv_tokens, num_blocks, config.block_size, kv_name,
                  extra={"model_path": str(checkpoint.path), "dtype": config.dtype, "quantization": self.quantization,
-                        "max_model_len": self.max_model_len, "kv_cache_dtype": str(kv_dtype)[6:],
+                        "max_model_len": self.max_model_len, "kv_cache_dtype": kv_name,
                         "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
                             kv_tokens * kv_bytes_per_token(self.model_config, kv_dtype) / 2**30, 2)})
 
