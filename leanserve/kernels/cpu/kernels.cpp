@@ -73,9 +73,15 @@ inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
   for (int64_t h = 0; h < heads; ++h) {
     float* s = scores + h * n;
     float m = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < n; ++t) m = std::max(m, s[t]);
-    float sum = 0.f;
     int64_t t = 0;
+#if defined(__AVX512F__)
+    __m512 top = _mm512_set1_ps(m);
+    for (; t + 16 <= n; t += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(s + t));
+    m = _mm512_reduce_max_ps(top);
+#endif
+    for (; t < n; ++t) m = std::max(m, s[t]);
+    float sum = 0.f;
+    t = 0;
 #if defined(__AVX512F__)
     __m512 sums = _mm512_setzero_ps();
     for (; t + 16 <= n; t += 16) {
@@ -90,56 +96,101 @@ inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
       sum += s[t];
     }
     lse[h] = m + std::log(sum);
-    for (t = 0; t < n; ++t) s[t] /= sum;
+    const float inv = 1.f / sum;
+    for (t = 0; t < n; ++t) s[t] *= inv;
   }
 }
 
 #if defined(__AVX512F__)
-// attend_tile for head dims of 16 x DV: each cached key and value vector is loaded (and
-// converted) once for the G query heads of its group.
+// Lane t of the result is the sum of v[t]'s 16 lanes: 16 horizontal sums in 45 instructions
+// (pairwise interleaved adds: within 128-bit lanes, then across them).
+inline __m512 sum_lanes16(const __m512* v) {
+  __m512 a[8], b[4];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    const __m512d x = _mm512_castps_pd(a[2 * i]), y = _mm512_castps_pd(a[2 * i + 1]);
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
+  const __m512 c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+// out[j] = sum_t p[j n + t] v_t for HC query heads j of one KV head, with the outputs in registers
+// while the tokens pass; v_t at v + rows[t].
+template <typename scalar_t, int DV, int HC>
+inline void weigh_values(const scalar_t* v, const int64_t* rows, int64_t n, const float* p, float* out) {
+  __m512 acc[HC][DV];
+  for (int j = 0; j < HC; ++j)
+    for (int i = 0; i < DV; ++i) acc[j][i] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < n; ++t) {
+    __m512 vv[DV];
+    for (int i = 0; i < DV; ++i) vv[i] = load16(v + rows[t] + 16 * i);
+    for (int j = 0; j < HC; ++j) {
+      const __m512 w = _mm512_set1_ps(p[j * n + t]);
+      for (int i = 0; i < DV; ++i) acc[j][i] = _mm512_fmadd_ps(w, vv[i], acc[j][i]);
+    }
+  }
+  for (int j = 0; j < HC; ++j)
+    for (int i = 0; i < DV; ++i) _mm512_storeu_ps(out + j * 16 * DV + 16 * i, acc[j][i]);
+}
+
+// attend_tile for head dims of 16 x DV, in two passes over the tile's tokens.
+// Keys, token by token: the row of every KV head is read once, and each query head's product with
+// it kept as 16 lanes to add up; every 16 tokens, sum_lanes16 turns those into 16 scores a head.
+// The pass prefetches each token's keys and values `ahead` tokens early, across the cache's
+// scattered blocks (without it the loads wait on memory; GCC drops prefetches written in a lambda).
+// Values, a KV head at a time: its query heads' outputs (up to kHeads a pass) stay in registers.
 template <typename scalar_t, int DV>
 void attend_tile_simd(const float* q, const scalar_t* k_cache, const scalar_t* v_cache, const int64_t* table,
                       int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups,
                       float* scores, float* out, float* lse) {
-  constexpr int64_t dim = 16 * DV;
+  constexpr int64_t dim = 16 * DV, line = 64 / sizeof(scalar_t), ahead = 8;
+  constexpr int kHeads = DV <= 4 ? 4 : 2;
   const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim;
-  constexpr int64_t ahead = 8;            // tokens: software prefetch across the cache's scattered blocks
-  auto slot = [&](int64_t pos) { return table[pos / block_size] * block_size + pos % block_size; };
+  thread_local std::vector<int64_t> row_buffer;
+  thread_local std::vector<__m512> lane_buffer;
+  row_buffer.resize(n);
+  lane_buffer.resize(16 * heads);
+  int64_t* rows = row_buffer.data();
+  __m512* lanes = lane_buffer.data();            // [heads, 16 tokens]
+  for (int64_t t = 0, pos = start; t < n; ++t, ++pos)
+    rows[t] = (table[pos / block_size] * block_size + pos % block_size) * row;
   for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = start + t;
-    const scalar_t* k = k_cache + slot(pos) * row;
-    if (t + ahead < n) {
-      const char* next_k = reinterpret_cast<const char*>(k_cache + slot(pos + ahead) * row);
-      const char* next_v = reinterpret_cast<const char*>(v_cache + slot(pos + ahead) * row);
-      for (int64_t b = 0; b < row * static_cast<int64_t>(sizeof(scalar_t)); b += 64) {
-        _mm_prefetch(next_k + b, _MM_HINT_T0);
-        _mm_prefetch(next_v + b, _MM_HINT_T1);
+    for (int64_t u = t == 0 ? 0 : t + ahead; u <= std::min(t + ahead, n - 1); ++u)   // first: tokens 0..ahead
+      for (int64_t i = 0; i < row; i += line) {
+        _mm_prefetch(reinterpret_cast<const char*>(k_cache + rows[u] + i), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v_cache + rows[u] + i), _MM_HINT_T0);
       }
-    }
+    const scalar_t* k = k_cache + rows[t];
     for (int64_t g = 0; g < kv_heads; ++g) {
       __m512 kv[DV];
       for (int i = 0; i < DV; ++i) kv[i] = load16(k + g * dim + 16 * i);
       for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
-        const float* qh = q + h * dim;
-        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qh), kv[0]);
-        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qh + 16 * i), kv[i], acc);
-        scores[h * n + t] = _mm512_reduce_add_ps(acc);
+        __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(q + h * dim), kv[0]);
+        for (int i = 1; i < DV; ++i) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + h * dim + 16 * i), kv[i], acc);
+        lanes[h * 16 + t % 16] = acc;
+      }
+    }
+    if (t % 16 == 15 || t == n - 1) {
+      const int64_t t0 = t - t % 16, count = t % 16 + 1;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t i = count; i < 16; ++i) lanes[h * 16 + i] = _mm512_setzero_ps();
+        _mm512_mask_storeu_ps(scores + h * n + t0, static_cast<__mmask16>((1u << count) - 1),
+                              sum_lanes16(lanes + h * 16));
       }
     }
   }
   softmax_rows(scores, heads, n, lse);
-  std::fill(out, out + heads * dim, 0.f);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t pos = start + t;
-    const scalar_t* v = v_cache + (table[pos / block_size] * block_size + pos % block_size) * row;
-    for (int64_t g = 0; g < kv_heads; ++g) {
-      __m512 vv[DV];
-      for (int i = 0; i < DV; ++i) vv[i] = load16(v + g * dim + 16 * i);
-      for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
-        const __m512 p = _mm512_set1_ps(scores[h * n + t]);
-        float* o = out + h * dim;
-        for (int i = 0; i < DV; ++i) _mm512_storeu_ps(o + 16 * i, _mm512_fmadd_ps(p, vv[i], _mm512_loadu_ps(o + 16 * i)));
-      }
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    for (int64_t h0 = g * groups; h0 < (g + 1) * groups; h0 += kHeads) {
+      const int64_t hc = std::min<int64_t>(kHeads, (g + 1) * groups - h0);
+      const scalar_t* v = v_cache + g * dim;
+      if (hc == kHeads) weigh_values<scalar_t, DV, kHeads>(v, rows, n, scores + h0 * n, out + h0 * dim);
+      else if (hc == 3) weigh_values<scalar_t, DV, 3>(v, rows, n, scores + h0 * n, out + h0 * dim);
+      else if (hc == 2) weigh_values<scalar_t, DV, 2>(v, rows, n, scores + h0 * n, out + h0 * dim);
+      else weigh_values<scalar_t, DV, 1>(v, rows, n, scores + h0 * n, out + h0 * dim);
     }
   }
 }
