@@ -7,6 +7,7 @@ thread fills with `call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -105,6 +106,10 @@ class AsyncLLM:
             self.load_error = e
             self.ready.set()
             return
+        # What is alive now (the model, the tokenizer, the server) lives as long as the process:
+        # frozen, the garbage collector's full passes no longer walk it while a step waits.
+        gc.collect()
+        gc.freeze()
         self.ready.set()
         engine = self.engine
         while not self._stopping:
@@ -117,6 +122,7 @@ class AsyncLLM:
             if self.on_step is not None:
                 self.on_step(engine.scheduler.num_computed_tokens - before)
             self._deliver_all([(output.request_id, output) for output in outputs])
+        gc.unfreeze()
 
     def _apply_commands(self, block: bool) -> None:
         try:

@@ -36,7 +36,29 @@ inline __m512 load16(const at::BFloat16* p) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
+
+// 16 float32 values stored as cache values, rounded to nearest even as static_cast rounds them.
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(double* p, __m512 x) {
+  _mm512_storeu_pd(p, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
+  _mm512_storeu_pd(p + 8, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1))));
+}
+inline void store16(at::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(at::BFloat16* p, __m512 x) {      // c10's rounding: + 0x7FFF + the lowest kept bit
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(rounded));
+}
+template <typename T>
+inline void store_any(T* p, __m512 x) { store16(p, x); }
 #endif
+template <typename T>
+inline void store_any(T* p, float x) { *p = static_cast<T>(x); }
 
 // A cache row as float32: float16 and bfloat16 caches convert 16 values an instruction where
 // AVX-512 builds; a float32 cache is read in place.
@@ -336,28 +358,42 @@ void write_rotated(const float* qkv, const float* cos, const float* sin, const i
                    int64_t heads, int64_t kv_heads, int64_t dim, float scale, float* q, scalar_t* k_cache,
                    scalar_t* v_cache, float* k_rows, float* v_rows) {
   const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
-  at::parallel_for(0, batch, 64, [&](int64_t begin, int64_t end) {
+  // x cos + roll(x, D/2) sin for one head's D values (16 at a time where the halves are whole vectors).
+  auto rotate = [&](const float* x, const float* c, const float* sn, float factor, auto&& store) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    if (half % 16 == 0)
+      for (; d < dim; d += 16) {
+        const __m512 rolled = _mm512_mul_ps(_mm512_loadu_ps(x + (d + half) % dim), _mm512_loadu_ps(sn + d));
+        store(d, _mm512_mul_ps(_mm512_fmadd_ps(_mm512_loadu_ps(x + d), _mm512_loadu_ps(c + d), rolled),
+                               _mm512_set1_ps(factor)));
+      }
+#endif
+    for (; d < dim; ++d) store(d, (x[d] * c[d] + x[(d + half) % dim] * sn[d]) * factor);
+  };
+  at::parallel_for(0, batch, 16, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       const float* row = qkv + b * width;
       const float* cb = cos + b * dim;
       const float* sb = sin + b * dim;
       for (int64_t h = 0; h < heads; ++h) {                  // queries, rotated and scaled
-        const float* src = row + h * dim;
         float* dst = q + (b * heads + h) * dim;
-        for (int64_t d = 0; d < dim; ++d) dst[d] = (src[d] * cb[d] + src[(d + half) % dim] * sb[d]) * scale;
+        rotate(row + h * dim, cb, sb, scale, [&](int64_t d, auto x) { store_any(dst + d, x); });
       }
       for (int64_t h = 0; h < kv_heads; ++h) {               // keys, rotated; values as they are
-        const float* src = row + (heads + h) * dim;
         const float* value = row + (heads + kv_heads + h) * dim;
         scalar_t* k = k_cache + (slots[b] * kv_heads + h) * dim;
         scalar_t* v = v_cache + (slots[b] * kv_heads + h) * dim;
         float* k_row = k_rows ? k_rows + (b * kv_heads + h) * dim : nullptr;
-        for (int64_t d = 0; d < dim; ++d) {
-          const float rotated = src[d] * cb[d] + src[(d + half) % dim] * sb[d];
-          k[d] = static_cast<scalar_t>(rotated);
-          v[d] = static_cast<scalar_t>(value[d]);
-          if (k_row) k_row[d] = rotated;
-        }
+        rotate(row + (heads + h) * dim, cb, sb, 1.f, [&](int64_t d, auto x) {
+          store_any(k + d, x);
+          if (k_row) store_any(k_row + d, x);
+        });
+        int64_t d = 0;
+#if defined(__AVX512F__)
+        for (; d + 16 <= dim; d += 16) store16(v + d, _mm512_loadu_ps(value + d));
+#endif
+        for (; d < dim; ++d) v[d] = static_cast<scalar_t>(value[d]);
         if (v_rows) std::copy_n(value, dim, v_rows + (b * kv_heads + h) * dim);
       }
     }

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #include <immintrin.h>
@@ -51,9 +52,10 @@ torch::Tensor tile_quads(torch::Tensor q) {
 
 #ifdef LEANSERVE_VNNI
 // One 32-k block of a 16-row tile (unpacked in q) times R activation rows from `row`, added to
-// acc[row..]. R rows give 2R independent vpdpbusd chains, which hides the instruction's latency;
-// a lone row splits each dot product in two (even and odd 4-k groups) for the same reason.
-template <int R, int C = (R == 1 ? 2 : 1)>
+// acc[row..] (written there for the first block). R rows give 2R independent vpdpbusd chains,
+// which hides the instruction's latency; a lone row splits each dot product in two (even and odd
+// 4-k groups) for the same reason.
+template <int R, bool First, int C = (R == 1 ? 2 : 1)>
 inline void block_rows(const __m512i* q, __m512 scale, __m512 min, const int8_t* xq, const float* xs,
                        int64_t row, int64_t b, int64_t in_features, int64_t blocks, __m512* acc) {
   __m512i dot_hi[R][C], dot_lo[R][C];
@@ -77,7 +79,8 @@ inline void block_rows(const __m512i* q, __m512 scale, __m512 min, const int8_t*
     const float* s = xs + ((row + r) * blocks + b) * 2;
     const __m512 hi = _mm512_cvtepi32_ps(dot_hi[r][0]), lo = _mm512_cvtepi32_ps(dot_lo[r][0]);
     const __m512 dot = _mm512_fmadd_ps(lo, _mm512_set1_ps(1.f / 256.f), hi);
-    acc[row + r] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(s[0])), dot, acc[row + r]);
+    const __m512 before = First ? _mm512_setzero_ps() : acc[row + r];
+    acc[row + r] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_set1_ps(s[0])), dot, before);
     acc[row + r] = _mm512_fmadd_ps(min, _mm512_set1_ps(s[1]), acc[row + r]);
   }
 }
@@ -89,7 +92,6 @@ inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const at::
                       float* y) {
   const int64_t blocks = in_features / kBlock, groups = in_features / group;
   __m512 acc[kRowChunk];
-  for (int64_t m = 0; m < rows; ++m) acc[m] = _mm512_setzero_ps();
   const __m512i nibble = _mm512_set1_epi8(0x0F);
   for (int64_t b = 0; b < blocks; ++b) {
     constexpr int64_t bytes = kBlock * kTile * Bits / 8, prefetch = 16 * bytes;
@@ -109,9 +111,16 @@ inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const at::
     const at::Half* sm = scales_mins + 2 * g;
     const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm)));
     const __m512 min = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(sm + kTile)));
-    int64_t m = 0;
-    for (; m + 4 <= rows; m += 4) block_rows<4>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
-    for (; m < rows; ++m) block_rows<1>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
+    auto all_rows = [&](auto first) {
+      constexpr bool kFirst = decltype(first)::value;
+      int64_t m = 0;
+      for (; m + 4 <= rows; m += 4) block_rows<4, kFirst>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
+      for (; m < rows; ++m) block_rows<1, kFirst>(q, scale, min, xq, xs, m, b, in_features, blocks, acc);
+    };
+    if (b == 0)
+      all_rows(std::true_type());
+    else
+      all_rows(std::false_type());
   }
   const int64_t n0 = t * kTile, valid = std::min(kTile, out_features - n0);
   const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1);
