@@ -145,7 +145,8 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
              "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
              "the same weights dequantized to safetensors for vLLM).", ""]
     if args.repeats > 1:
-        lines += [f"Each engine was started {args.repeats} times and run through the workloads each time (a fresh "
+        lines += [f"Each engine was started {args.repeats} times, the engines in turn (so that each samples the "
+                  "same stretches of the machine's speed), and run through the workloads each time (a fresh "
                   "server, so no prefix cache carries over); each row is the run with the median output tokens/s, "
                   "with the lowest and highest of all runs in parentheses.", ""]
     for workload, title in [("all_at_once", "(1) first 64 requests, all at once"),
@@ -185,14 +186,17 @@ def run(args: argparse.Namespace) -> int:
     plots = out.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     commands = engine_commands(args)
-    results: dict = {}
+    names = [e for e in ("llama-server", "vllm", "leanserve") if e in commands]
+    runs: dict[str, dict[str, list]] = {name: {} for name in names}
+    failed: dict[str, str] = {}
     rate = None
-    for name in [e for e in ("llama-server", "vllm", "leanserve") if e in commands]:
-        command, startup = commands[name]
-        runs: dict[str, list] = {}
-        try:
-            for attempt in range(args.repeats):      # a fresh server each time: no prefix cache carries over
-                print(f"starting {name} ({attempt + 1} of {args.repeats}): {command}", flush=True)
+    # Round robin, each run on a fresh server (no prefix cache carries over): every engine's runs sample
+    # the same stretches of the machine's speed, which drifts by 10-15% over minutes here.
+    for attempt in range(args.repeats):
+        for name in [n for n in names if n not in failed]:
+            command, startup = commands[name]
+            print(f"starting {name} ({attempt + 1} of {args.repeats}): {command}", flush=True)
+            try:
                 process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=open(plots / f"{name}.log", "w"))
                 try:
@@ -204,13 +208,16 @@ def run(args: argparse.Namespace) -> int:
                     measured.update(run_workloads(base, args, name, ["poisson", "one_at_a_time"] if rate else
                                                   ["one_at_a_time"], rate))
                     for workload, run in measured.items():
-                        runs.setdefault(workload, []).append(run)
+                        runs[name].setdefault(workload, []).append(run)
                 finally:
                     stop(process)
-        except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
-            print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
-            results[name] = {"error": f"{type(e).__name__}: {e}"}
-        results.setdefault(name, {}).update(median_runs(name, runs, plots))
+            except Exception as e:  # noqa: BLE001 - one engine failing must not lose the others' figures
+                print(f"{name} failed: {type(e).__name__}: {e}", flush=True)
+                failed[name] = f"{type(e).__name__}: {e}"
+    results: dict = {}
+    for name in names:
+        results[name] = {"error": failed[name]} if name in failed else {}
+        results[name].update(median_runs(name, runs[name], plots))
     if "transformers" in args.engines:
         results["transformers"] = {"one_at_a_time": transformers_one_at_a_time(args)}
     (out.parent / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
@@ -230,6 +237,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--single-requests", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1,
-                        help="times each engine is started and run through the workloads; per workload, the run "
-                             "with the median output tokens/s is reported")
+                        help="times each engine is started and run through the workloads, the engines in turn; per "
+                             "workload, the run with the median output tokens/s is reported")
     parser.add_argument("--out", default="docs/benchmarks.md")
