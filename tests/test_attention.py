@@ -137,7 +137,7 @@ def test_native_lean_decode_on_ragged_contexts(dtype, tolerance, block_size, gro
         assert (out[b].double() - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {b}"
 
 
-@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_native_attention_step_equals_rotary_cache_write_and_attention(cache_dtype):
     """The fused step (rotary, cache write, prefill and decode attention in one call) against the unfused
     path it replaces, on a batch of decodes, a fresh prompt and a chunk after a cached prefix."""

@@ -37,7 +37,7 @@ inline __m512 load16(const at::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
-// 16 float32 values stored as cache values, rounded to nearest even as static_cast rounds them.
+// 16 float32 values stored as T, rounded to nearest even as static_cast<T> rounds them (NaN aside).
 inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
 inline void store16(double* p, __m512 x) {
   _mm512_storeu_pd(p, _mm512_cvtps_pd(_mm512_castps512_ps256(x)));
