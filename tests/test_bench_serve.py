@@ -92,3 +92,19 @@ def test_scoreboard_reports_the_median_of_repeated_runs(monkeypatch, tmp_path):
     assert summary["plot"] == str(tmp_path / "engine-all_at_once.png")
     two = scoreboard.median_runs("engine", {"poisson": runs[:2]}, tmp_path)["poisson"]
     assert two["output_token_throughput"] == 5.0          # of two runs, the lower
+
+
+def test_scoreboard_waits_for_the_port_the_last_server_held():
+    """A server that cannot bind a port still in use (llama-server) starts only once the port is free."""
+    import socket
+
+    from leanserve.bench import scoreboard
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    with pytest.raises(RuntimeError, match="still in use"):
+        scoreboard.wait_port_free(port, timeout=1.5)
+    threading.Timer(0.5, holder.close).start()
+    scoreboard.wait_port_free(port, timeout=10)

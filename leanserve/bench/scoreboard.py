@@ -16,6 +16,7 @@ import os
 import platform
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,6 +42,21 @@ def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
             pass
         time.sleep(1)
     raise RuntimeError(f"{base} did not become healthy in {timeout:.0f} s")
+
+
+def wait_port_free(port: int, timeout: float = 120.0) -> None:
+    """Wait until the port can be bound without SO_REUSEADDR: a server that does not set it (llama-server)
+    cannot bind while the last server's connections on the port are in TIME_WAIT (up to 60 s)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"port {port} is still in use after {timeout:.0f} s") from None
+        time.sleep(1)
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -197,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
             command, startup = commands[name]
             print(f"starting {name} ({attempt + 1} of {args.repeats}): {command}", flush=True)
             try:
+                wait_port_free(args.port)
                 process = subprocess.Popen(command, shell=True, start_new_session=True, stdout=subprocess.DEVNULL,
                                            stderr=open(plots / f"{name}.log", "w"))
                 try:
