@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger(__name__)
 SOURCES = [Path(__file__).with_name("cpu") / name
            for name in ("kernels.cpp", "prefill_attention.cpp", "vnni_linear.cpp", "step_layers.cpp")]
@@ -37,3 +39,7 @@ def native_kernels():
                     type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
         return None
 
+
+def native_kernels_for(x: torch.Tensor):
+    """The compiled module where its kernels take this tensor (float32 on the CPU), else None."""
+    return native_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None

@@ -14,7 +14,7 @@ from torch import nn
 
 from leanserve.engine.config import ModelConfig
 from leanserve.kernels.attention import get_forward_context
-from leanserve.kernels.cpu_kernels import native_kernels
+from leanserve.kernels.cpu_kernels import native_kernels_for
 from leanserve.kernels.quant import QuantLinear
 
 RESCORED_CANDIDATES = 32
@@ -31,8 +31,8 @@ class RMSNorm(nn.Module):
         the next norm, fused in place (x and residual are overwritten) where the native kernel runs."""
         if residual is None:
             return self._norm(x)
-        kernels = native_kernels()
-        if kernels is not None and x.dtype == torch.float32 and x.is_contiguous() and residual.is_contiguous():
+        kernels = native_kernels_for(x)
+        if kernels is not None and x.is_contiguous() and residual.is_contiguous():
             kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
             return x, residual
         residual = x + residual
@@ -123,8 +123,8 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate_up = self.gate_up_proj(x)
-        kernels = native_kernels()
-        if kernels is not None and gate_up.dtype == torch.float32:
+        kernels = native_kernels_for(gate_up)
+        if kernels is not None:
             return self.down_proj(kernels.silu_mul(gate_up))       # the native loop's activation, one pass
         gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
