@@ -7,6 +7,7 @@ import torch
 
 from leanserve import LLM, SamplingParams
 from leanserve.engine.loader import resolve_model_path
+from tests.conftest import LEVELS
 
 NEW_TOKENS = 32
 
@@ -111,3 +112,28 @@ def test_first_step_logits_match_transformers(llm, hf_model, prompt_ids):
             expected = hf_model(torch.tensor([ids])).logits[0, -1].float()
         error = (ours[i] - expected).abs().max() / expected.abs().max()
         assert error < 1e-4, f"prompt {i}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("level", LEVELS)
+def test_default_int4_equals_transformers_greedy(hf_tokens, prompt_ids, native_kernels_of, monkeypatch, level):
+    """What `make serve` runs: the Q4_1 blocks as stored on each ISA level's native executor, float16 KV cache."""
+    native_kernels_of(level)
+    monkeypatch.setenv("LEANSERVE_CPU_ISA", level)
+    llm = LLM("smollm2", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+    assert llm.engine.quantization == "int4" and llm.engine.kernels["executor"] == f"native ({level})"
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompt_ids, params, use_tqdm=False)
+    for ids, output, expected in zip(prompt_ids, outputs, hf_tokens):
+        assert output.outputs[0].token_ids == expected, f"prompt of {len(ids)} tokens"
+
+
+def test_torch_fallback_equals_transformers_greedy(hf_tokens, prompt_ids, monkeypatch):
+    """Without the native kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler) the default model runs
+    on the torch model: int4 dequantized exactly to float32, float16 KV cache."""
+    monkeypatch.setenv("LEANSERVE_NATIVE_KERNELS", "0")
+    llm = LLM("smollm2", kv_cache_tokens=16384, max_num_batched_tokens=2048)
+    assert llm.engine.kernels["executor"].startswith("torch")
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = llm.generate(prompt_ids, params, use_tqdm=False)
+    for ids, output, expected in zip(prompt_ids, outputs, hf_tokens):
+        assert output.outputs[0].token_ids == expected, f"prompt of {len(ids)} tokens"

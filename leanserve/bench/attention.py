@@ -1,8 +1,8 @@
 """`leanserve bench attention`: decode attention over a paged KV cache.
 
 One decode step's attention for one layer (one query token a sequence), with the
-default model's head shapes: lean attention (the CPU backend: its native kernel, or
-with --torch its torch tiles: whole cache blocks, one flash-attention call,
+default model's head shapes: lean attention (the native executor's kernel, or
+with --torch the torch backend's tiles: whole cache blocks, one flash-attention call,
 log-sum-exp merge) reading keys and values from the paged cache, against
 
 - padded SDPA: every sequence padded to the longest, one batched call with a
@@ -96,15 +96,27 @@ def run_batch(name: str, contexts: list[int], args: argparse.Namespace, dtype: t
     batch, longest = len(contexts), max(contexts)
     expected = reference(q, k_cache, v_cache, tables, contexts)
 
-    backend = TorchAttentionBackend(tile_size=args.tile_size, native=not args.torch)
-    md = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), query_starts=list(range(batch)),
-                           query_lens=[1] * batch, context_lens=contexts, block_tables=tables, block_size=bs)
-    prepare_ms = timed_ms(lambda: backend.prepare(md), args.repeats)
+    kernels = None if args.torch else native_kernels()
+    if kernels is not None:       # the native executor's lean attention, on its step plan
+        width = max(len(t) for t in tables)
+        padded_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+        lens = torch.tensor(contexts)
+        prepare_ms = timed_ms(lambda: kernels.StepPlan(list(range(batch)), [1] * batch, contexts, tables,
+                                                       torch.zeros(batch, dtype=torch.long), bs, heads, kv_heads,
+                                                       args.tile_size), args.repeats)
 
-    no_new = torch.empty(0, kv_heads, head_dim, dtype=dtype)     # the step's own K/V are cached already
+        def lean() -> torch.Tensor:
+            return kernels.lean_attention_decode(q, k_cache, v_cache, padded_tables, lens, args.tile_size,
+                                                 head_dim ** -0.5)
+    else:
+        backend = TorchAttentionBackend(tile_size=args.tile_size)
+        md = AttentionMetadata(slot_mapping=torch.empty(0, dtype=torch.long), query_starts=list(range(batch)),
+                               query_lens=[1] * batch, context_lens=contexts, block_tables=tables, block_size=bs)
+        prepare_ms = timed_ms(lambda: backend.prepare(md), args.repeats)
+        no_new = torch.empty(0, kv_heads, head_dim, dtype=dtype)     # the step's own K/V are cached already
 
-    def lean() -> torch.Tensor:
-        return backend.forward(q, no_new, no_new, k_cache, v_cache, md)
+        def lean() -> torch.Tensor:
+            return backend.forward(q, no_new, no_new, k_cache, v_cache, md)
 
     # Baselines over contiguous caches, as a padded (static) cache or per-sequence tensors would hold them.
     padded_k = torch.zeros(batch, kv_heads, longest, head_dim, dtype=dtype)
@@ -158,8 +170,8 @@ def run(args: argparse.Namespace) -> int:
     ragged = ragged_contexts(args.sequences, args.shortest, args.longest)
     equal = [sum(ragged) // args.sequences] * args.sequences
     memory_rate = memory_gbps()
-    native = not args.torch and native_kernels() is not None
-    print(f"decode attention ({'native kernel' if native else 'torch tiles'}), one layer: {args.heads} heads, {args.kv_heads} KV heads, head dim {args.head_dim}, "
+    kernels = None if args.torch else native_kernels()
+    print(f"decode attention ({f'native kernel, {kernels.ISA}' if kernels else 'torch tiles'}), one layer: {args.heads} heads, {args.kv_heads} KV heads, head dim {args.head_dim}, "
           f"{args.dtype}, block {args.block_size}, tile {args.tile_size}; {torch.get_num_threads()} threads; "
           f"memory read rate (matrix-vector) {memory_rate:.1f} GB/s")
     rows = [run_batch("ragged", ragged, args, dtype, memory_rate), run_batch("equal", equal, args, dtype, memory_rate)]

@@ -26,7 +26,7 @@ from leanserve.engine.engine_config import KV_CACHE_DTYPES, EngineConfig
 from leanserve.engine.loader import Checkpoint, load_checkpoint
 from leanserve.engine.model_runner import ModelRunner
 from leanserve.engine.quantize import quantize_model, resolve_quantization
-from leanserve.kernels.attention import AttentionMetadata, forward_context
+from leanserve.kernels.attention import AttentionMetadata
 
 MODES = ("float", "int8", "int4", "llm_int8")
 BLOCK_SIZE = 16
@@ -49,10 +49,8 @@ def _metadata(runner: ModelRunner, query_lens: list[int], context_lens: list[int
         start += blocks
         slots += [tables[-1][p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(ctx - q_len, ctx)]
     query_starts = [sum(query_lens[:i]) for i in range(len(query_lens))]
-    md = AttentionMetadata(slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=query_lens,
-                           context_lens=context_lens, block_tables=tables, block_size=BLOCK_SIZE)
-    runner.backend.prepare(md)
-    return md
+    return AttentionMetadata(slot_mapping=torch.tensor(slots), query_starts=query_starts, query_lens=query_lens,
+                             context_lens=context_lens, block_tables=tables, block_size=BLOCK_SIZE)
 
 
 @torch.inference_mode()
@@ -61,10 +59,9 @@ def sequence_log_probs(runner: ModelRunner, ids: list[int]) -> tuple[torch.Tenso
     and the seconds its forward pass (the prefill, without logits) took."""
     md = _metadata(runner, [len(ids)], [len(ids)])
     start = time.perf_counter()
-    with forward_context(md):
-        hidden = runner.model(torch.tensor(ids), torch.arange(len(ids)))
+    hidden = runner.executor.forward(torch.tensor(ids), torch.arange(len(ids)), md)
     seconds = time.perf_counter() - start
-    return torch.log_softmax(runner.model.compute_logits(hidden[:-1]), dim=-1), seconds
+    return torch.log_softmax(runner.executor.compute_logits(hidden[:-1]), dim=-1), seconds
 
 
 @torch.inference_mode()
@@ -75,8 +72,7 @@ def decode_step_ms(runner: ModelRunner, batch: int, context: int, repeats: int =
     positions = torch.full((batch,), context)
 
     def step() -> None:
-        with forward_context(md):
-            runner.model.compute_logits(runner.model(tokens, positions))
+        runner.executor.compute_logits(runner.executor.forward(tokens, positions, md))
 
     return timed_ms(step, repeats)
 

@@ -77,6 +77,8 @@ class LLMEngine:
                         "max_model_len": self.max_model_len, "kv_cache_dtype": kv_name,
                         "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
                             kv_tokens * kv_bytes_per_token(self.model_config, kv_dtype) / 2**30, 2)})
+        self.kernels = self.runner.executor.describe()
+        log.info("kernels: %s", "; ".join(f"{op}: {path}" for op, path in self.kernels.items()), extra=self.kernels)
 
     def _num_kv_blocks(self) -> int:
         cfg = self.config

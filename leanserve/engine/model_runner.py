@@ -6,8 +6,10 @@ from typing import Callable
 import torch
 
 from leanserve.engine.config import ModelConfig
+from leanserve.engine.executor import Executor, NativeExecutor, TorchExecutor
 from leanserve.engine.models.llama import LlamaForCausalLM
-from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend, forward_context
+from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
+from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import use_triton_kernels
 from leanserve.scheduler.request import Request
 from leanserve.scheduler.scheduler import ScheduledBatch
@@ -18,7 +20,7 @@ def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def make_attention_backend(name: str, device: torch.device, num_kv_heads: int):
-    """'auto' is Triton on a GPU and the torch (lean attention) backend on the CPU."""
+    """The torch model's attention: 'auto' is Triton on a GPU and the torch (lean attention) backend on the CPU."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "torch"
     if name == "triton":
@@ -35,12 +37,14 @@ class ModelRunner:
                  quantize: Callable[[LlamaForCausalLM], object] | None = None,
                  kv_cache_dtype: torch.dtype | None = None) -> None:
         """`quantize`, if given, swaps quantized modules into the loaded float model; the KV cache is
-        `kv_cache_dtype` (default: the model's dtype)."""
+        `kv_cache_dtype` (default: the model's dtype). `attention_backend` "auto" runs the native executor
+        where it can, else the torch model with the device's attention backend; "torch" or "triton" run
+        the torch model with that backend."""
         self.config = config
         self.block_size = block_size
         self.device = torch.device(device)
-        self.backend = make_attention_backend(attention_backend, self.device, config.num_key_value_heads)
-        self.model = LlamaForCausalLM(config, self.backend).to(dtype)
+        backend = make_attention_backend(attention_backend, self.device, config.num_key_value_heads)
+        self.model = LlamaForCausalLM(config, backend).to(dtype)
         self.model.load_weights(weights)
         if quantize is not None:
             quantize(self.model)
@@ -55,6 +59,9 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
+        native = (NativeExecutor.build(self.model, native_kernels()) if attention_backend == "auto"
+                  else f"attention_backend={attention_backend!r}")
+        self.executor: Executor = native if isinstance(native, NativeExecutor) else TorchExecutor(self.model, backend, native)
 
     def prepare(self, batch: ScheduledBatch):
         """Flat inputs for the batch: token ids, positions, attention metadata, the rows whose logits are
@@ -79,7 +86,6 @@ class ModelRunner:
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), query_starts=query_starts, query_lens=list(batch.num_tokens),
             context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
-        self.backend.prepare(metadata)
         device = self.device
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), metadata,
                 torch.tensor(sample_rows, dtype=torch.long, device=device), sampling)
@@ -88,6 +94,5 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
         """Run one step; return float32 logits of the requests that sample now, and those requests."""
         input_ids, positions, metadata, sample_rows, sampling = self.prepare(batch)
-        with forward_context(metadata):
-            hidden = self.model(input_ids, positions)
-        return self.model.compute_logits(hidden[sample_rows]).cpu(), sampling
+        hidden = self.executor.forward(input_ids, positions, metadata)
+        return self.executor.compute_logits(hidden[sample_rows]).cpu(), sampling

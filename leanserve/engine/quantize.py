@@ -183,9 +183,6 @@ def quantize_model(model: LlamaForCausalLM, mode: str, checkpoint: Checkpoint | 
         if (quantized.out_features, quantized.in_features) != tuple(linear.weight.shape):
             raise ValueError(f"{name}: quantized weight is {quantized.out_features}x{quantized.in_features}, "
                              f"the model wants {tuple(linear.weight.shape)}")
-        if name == "lm_head" and isinstance(quantized, Int8Linear) and quantized.group_size is not None \
-                and torch.device(device).type == "cpu" and not quantized.vnni:
-            quantized.add_per_channel_kernel()        # decode-sized batches; top logits are rescored exactly
         parent_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, leaf, quantized.to(device))
         formats[_hf_module_name(name)] = quantized.format

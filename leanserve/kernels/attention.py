@@ -13,11 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
-
-from leanserve.kernels.cpu_kernels import native_kernels
 
 
 @dataclass
@@ -30,16 +29,19 @@ class AttentionMetadata:
     block_size: int
     # Built once per step by the backend and shared by all layers.
     prefill: list[tuple[int, int, int, torch.Tensor | None]] | None = None
-    native_prefill: "PrefillSegments | None" = None
-    decode: "DecodeTiles | DecodeSequences | None" = None
+    decode: "DecodeTiles | None" = None
 
 
-@dataclass
-class PrefillSegments:
-    """The step's prefill segments for the native kernel, which reads cached prefixes itself."""
+class AttentionBackend(Protocol):
+    """Attention for the torch model: `prepare` once per step, `forward` in every layer."""
 
-    segments: torch.Tensor      # [S, 3] int64: first row in the flat batch, new tokens, context length
-    block_tables: torch.Tensor  # [S, most blocks] int64, padded with block 0
+    def prepare(self, md: AttentionMetadata) -> None:
+        """Work out what every layer's attention needs of the step's metadata (stored on md)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] of the new tokens: write k and v to their cache slots and
+        return the attention output [T, H, D]."""
 
 
 @dataclass
@@ -55,15 +57,6 @@ class DecodeTiles:
     tile_seq: torch.Tensor     # [N] decode-sequence index of each tile
     tile_blocks: torch.Tensor  # [N, blocks per tile] cache blocks
     tile_mask: torch.Tensor    # [N, 1, 1, tile tokens] additive mask
-
-
-@dataclass
-class DecodeSequences:
-    """Decode sequences for the native kernel, which cuts their contexts into tiles itself."""
-
-    rows: torch.Tensor          # [B] row of each decode sequence's query in the flat batch
-    block_tables: torch.Tensor  # [B, most blocks] int64, padded with block 0
-    context_lens: torch.Tensor  # [B] int64
 
 
 _context: AttentionMetadata | None = None
@@ -101,26 +94,20 @@ class TorchAttentionBackend:
     log-sum-exp, and each sequence's tiles are merged by log-sum-exp. Work is
     proportional to the sum of context lengths, not batch x longest context.
 
-    Where the native CPU kernels build (leanserve/kernels/cpu), decode runs the same
-    decomposition in C++ instead: tiles read the paged cache in place (no gathered
-    copy), one thread a contiguous range of tiles: on the ragged batch of `leanserve
-    bench attention`, 1.2 ms against 5.3 to 6.3 for the torch tiles (`--torch`).
-    Prefill segments then run in one native call too (prefill_attention.cpp: flash
-    attention, cached prefixes read through the block tables): a 512-token prompt's
-    causal attention, 9 heads over 3 KV heads, 0.9 ms against SDPA's 3.5.
+    This is the torch model's attention: the reference, and the fallback where the
+    native executor (leanserve/kernels/cpu) does not run. That executor reads the paged
+    cache in place instead of gathering tiles: on the ragged batch of `leanserve bench
+    attention`, about 1.2 ms against 5.3 to 6.3 for the torch tiles (`--torch`).
     """
 
-    def __init__(self, tile_size: int = 128, native: bool = True) -> None:
-        """`native`: decode with the compiled C++ lean attention (same decomposition, reading the
-        paged cache in place instead of gathering tiles) where it builds."""
+    def __init__(self, tile_size: int = 128) -> None:
         self.tile_size = tile_size
-        self.kernels = native_kernels() if native else None
         # Gathered tiles land in buffers reused across layers and steps: a fresh
         # allocation this large is page-faulted in each time, which costs more than the copy.
         self._workspace = torch.empty(0)
 
     def prepare(self, md: AttentionMetadata) -> None:
-        md.prefill, prefill, decode = [], [], []
+        md.prefill, decode = [], []
         for seq in range(len(md.query_lens)):
             q_len, ctx_len = md.query_lens[seq], md.context_lens[seq]
             if q_len > 1 or ctx_len == 1:
@@ -128,22 +115,9 @@ class TorchAttentionBackend:
                 if ctx_len > q_len:
                     cached = context_slots(md.block_tables[seq], md.block_size, torch.arange(ctx_len))
                 md.prefill.append((md.query_starts[seq], q_len, ctx_len, cached))
-                prefill.append(seq)
             else:
                 decode.append(seq)
-        if prefill and self.kernels is not None:
-            md.native_prefill = PrefillSegments(
-                segments=torch.tensor([[md.query_starts[s], md.query_lens[s], md.context_lens[s]] for s in prefill]),
-                block_tables=_padded_tables([md.block_tables[s] for s in prefill]))
-        if not decode:
-            md.decode = None
-        elif self.kernels is not None:
-            md.decode = DecodeSequences(
-                rows=torch.tensor([md.query_starts[s] for s in decode]),
-                block_tables=_padded_tables([md.block_tables[s] for s in decode]),
-                context_lens=torch.tensor([md.context_lens[s] for s in decode]))
-        else:
-            md.decode = self._decode_tiles(md, decode)
+        md.decode = self._decode_tiles(md, decode) if decode else None
 
     def _decode_tiles(self, md: AttentionMetadata, seqs: list[int]) -> DecodeTiles:
         bs = md.block_size
@@ -165,35 +139,6 @@ class TorchAttentionBackend:
         rows = torch.tensor([md.query_starts[s] for s in seqs])
         return DecodeTiles(rows, tile_seq, blocks, mask[:, None, None, :])
 
-    def native_step(self, md: AttentionMetadata, num_heads: int, k_cache: torch.Tensor) -> tuple | None:
-        """The step's arguments for the native attention_step and model_layers: prefill segments and their
-        block tables, decode rows, their block tables and context lengths (empty where the step has none).
-        None where the native step does not apply: no native kernels, or prefill segments of a head
-        layout prefill_attention does not take."""
-        if self.kernels is None:
-            return None
-        prefill, decode = md.native_prefill, md.decode
-        if prefill is not None and not self.kernels.prefill_attention_supported(num_heads, *k_cache.shape[2:]):
-            return None
-        none = torch.empty(0, 1, dtype=torch.long)
-        return (prefill.segments if prefill else none.view(0, 3), prefill.block_tables if prefill else none,
-                decode.rows if decode else none.view(0), decode.block_tables if decode else none,
-                decode.context_lens if decode else none.view(0))
-
-    def attention_step(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], k_cache: torch.Tensor,
-                       v_cache: torch.Tensor, md: AttentionMetadata, num_heads: int) -> torch.Tensor | None:
-        """One layer's attention for the step in one native call, on float32 activations: rotary embedding of
-        the queries and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin as LlamaForCausalLM's rotary gives
-        them), the new keys and values into the cache (of any float dtype), prefill_attention for the prefill
-        segments, lean attention for the decode rows; returns [T, H D]. None where that does not apply
-        (see native_step; bfloat16 activations): use forward()."""
-        step = self.native_step(md, num_heads, k_cache)
-        if step is None or qkv.dtype != torch.float32:
-            return None
-        cos, sin = rope
-        return self.kernels.attention_step(qkv, cos, sin, k_cache, v_cache, md.slot_mapping, *step, num_heads,
-                                           self.tile_size, 1.0 / math.sqrt(k_cache.shape[-1]))
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         """q [T, H, D], k and v [T, Hkv, D] for the new tokens; returns [T, H, D]. The cache may hold
@@ -206,29 +151,19 @@ class TorchAttentionBackend:
         if not md.prefill:                       # decode only: the rows are the decode sequences in order
             return self._decode(q, k_cache, v_cache, md.decode)
         out = torch.empty_like(q)
-        native = md.native_prefill
-        if (native is not None and q.dtype == torch.float32
-                and self.kernels.prefill_attention_supported(q.shape[1], num_kv_heads, head_dim)):
-            self.kernels.prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache,
-                                           native.segments, native.block_tables, 1.0 / math.sqrt(head_dim), out)
-        else:
-            for start, q_len, ctx_len, cached in md.prefill:
-                rows = slice(start, start + q_len)
-                if cached is None:
-                    keys, values = k[rows], v[rows]
-                else:
-                    keys, values = k_flat[cached].to(q.dtype), v_flat[cached].to(q.dtype)
-                out[rows] = _causal_attention(q[rows], keys, values)
+        for start, q_len, ctx_len, cached in md.prefill:
+            rows = slice(start, start + q_len)
+            if cached is None:
+                keys, values = k[rows], v[rows]
+            else:
+                keys, values = k_flat[cached].to(q.dtype), v_flat[cached].to(q.dtype)
+            out[rows] = _causal_attention(q[rows], keys, values)
         if md.decode is not None:
             out[md.decode.rows] = self._decode(q[md.decode.rows], k_cache, v_cache, md.decode)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                tiles: DecodeTiles | DecodeSequences) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tiles: DecodeTiles) -> torch.Tensor:
         """q [B, H, D], one token per sequence; returns [B, H, D]."""
-        if isinstance(tiles, DecodeSequences):
-            return self.kernels.lean_attention_decode(q, k_cache, v_cache, tiles.block_tables, tiles.context_lens,
-                                                      self.tile_size, 1.0 / math.sqrt(q.shape[-1]))
         batch, num_heads, head_dim = q.shape
         num_tiles, blocks_per_tile = tiles.tile_blocks.shape
         num_kv_heads = k_cache.shape[2]
@@ -251,12 +186,6 @@ class TorchAttentionBackend:
         if num_tiles == batch:                   # one tile a sequence: nothing to merge
             return tile_out.view(q.shape)
         return merge_by_lse(tile_out.float(), tile_lse, tiles.tile_seq, batch).view(q.shape).to(q.dtype)
-
-
-def _padded_tables(tables: list[list[int]]) -> torch.Tensor:
-    """Block tables as one int64 tensor, padded with block 0."""
-    width = max(len(t) for t in tables)
-    return torch.tensor([t + [0] * (width - len(t)) for t in tables])
 
 
 def merge_by_lse(partial: torch.Tensor, lse: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:

@@ -1,45 +1,121 @@
-"""Native CPU kernels (C++ in leanserve/kernels/cpu/), compiled on first use by torch's extension
-builder and cached by it (~/.cache/torch_extensions, or TORCH_EXTENSIONS_DIR).
+"""Native CPU kernels (C++ in leanserve/kernels/cpu/), one Python module per ISA level.
 
-Where they cannot be built (no C++ compiler, or LEANSERVE_NATIVE_KERNELS=0), callers fall back
-to the torch implementations, which compute the same thing.
+The kernels are written once over a small SIMD layer (cpu/simd.h) whose implementation follows
+from the compiler flags: AVX-512 (with VNNI's vpdpbusd or without), AVX2 + FMA + F16C (with
+AVX-VNNI or without), or portable C++ that any target compiles. `native_kernels()` builds (the
+first time; torch's extension builder caches it in ~/.cache/torch_extensions, or
+TORCH_EXTENSIONS_DIR) and loads the best level this CPU runs; LEANSERVE_CPU_ISA=<level> picks
+another it can run, and LEANSERVE_NATIVE_KERNELS=0 none. Where nothing builds (no C++ compiler)
+callers use the torch implementations, which compute the same thing.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import os
+import platform
+import time
 from pathlib import Path
 
-import torch
-
 log = logging.getLogger(__name__)
-SOURCES = [Path(__file__).with_name("cpu") / name
-           for name in ("kernels.cpp", "prefill_attention.cpp", "vnni_linear.cpp", "step_layers.cpp")]
+
+SOURCE_DIR = Path(__file__).with_name("cpu")
+_AVX2 = ("avx2", "fma", "f16c")
+_AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512vl", "avx512dq")
+# level -> (compiler flags, /proc/cpuinfo flags it needs), best first.
+LEVELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "avx512_vnni": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+                     "-mavx512vnni"), _AVX512 + ("avx512_vnni",)),
+    "avx512": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), _AVX512),
+    "avx2_vnni": (("-mavx2", "-mfma", "-mf16c", "-mavxvnni"), _AVX2 + ("avx_vnni",)),
+    "avx2": (("-mavx2", "-mfma", "-mf16c"), _AVX2),
+    "portable": (("-DLEANSERVE_PORTABLE",), ()),
+}
 
 
 @functools.cache
-def native_kernels():
-    """The compiled module (`lean_attention_decode`, `fused_add_rms_norm`, `silu_mul`,
-    `prefill_attention_supported`, `prefill_attention`, `vnni_available`, `int4_vnni_pack`, `int8_vnni_pack`,
-    `vnni_linear`, `attention_step`, `model_layers`), or None."""
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where there is none to read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def runnable_levels() -> list[str]:
+    """The levels this CPU can run, best first (x86-64 levels only on x86-64)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return [level for level, (_, needs) in LEVELS.items()
+            if level == "portable" or (x86 and set(needs) <= cpu_flags())]
+
+
+def selected_level() -> str:
+    """The level native_kernels() loads: LEANSERVE_CPU_ISA, else the best this CPU runs."""
+    forced = os.environ.get("LEANSERVE_CPU_ISA")
+    if not forced:
+        return runnable_levels()[0]
+    if forced not in LEVELS:
+        raise ValueError(f"LEANSERVE_CPU_ISA={forced!r}: not one of {list(LEVELS)}")
+    if forced not in runnable_levels():
+        missing = sorted(set(LEVELS[forced][1]) - cpu_flags())
+        raise ValueError(f"LEANSERVE_CPU_ISA={forced!r}: this CPU cannot run it (it lacks {', '.join(missing)})")
+    return forced
+
+
+def build(level: str):
+    """Compile (or find compiled) and import the module of one level; raises where that fails."""
+    from torch.utils.cpp_extension import load
+
+    flags, _ = LEVELS[level]
+    start = time.perf_counter()
+    module = load(name=f"leanserve_cpu_{level}", sources=[str(SOURCE_DIR / "module.cpp")],
+                  extra_include_paths=[str(SOURCE_DIR)], extra_cflags=["-O3", "-fopenmp", "-fvisibility=hidden", *flags],
+                  extra_ldflags=["-fopenmp"])
+    if module.ISA != level:
+        raise RuntimeError(f"the {level} build compiled the {module.ISA} kernels (check the compiler's flags)")
+    seconds = time.perf_counter() - start
+    if seconds > 5:
+        log.info("built the native CPU kernels (%s) in %.0f s", level, seconds)
+    return module
+
+
+def native_kernels(level: str | None = None):
+    """The compiled module of `level` (default: selected_level()), or None where the native kernels
+    are switched off (LEANSERVE_NATIVE_KERNELS=0) or do not build here."""
     if os.environ.get("LEANSERVE_NATIVE_KERNELS", "1") == "0":
         return None
-    try:
-        from torch.utils.cpp_extension import load_inline
+    return _load(level or selected_level())
 
-        return load_inline(name="leanserve_cpu_kernels", cpp_sources=[source.read_text() for source in SOURCES],
-                           functions=["lean_attention_decode", "fused_add_rms_norm", "silu_mul",
-                                      "prefill_attention_supported", "prefill_attention", "vnni_available",
-                                      "int4_vnni_pack", "int8_vnni_pack", "vnni_linear", "attention_step",
-                                      "model_layers"],
-                           extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"])
+
+@functools.cache
+def _load(level: str):
+    try:
+        return build(level)
     except Exception as e:  # noqa: BLE001 - any build failure means: use the torch path
-        log.warning("native CPU kernels unavailable (%s: %s); using the torch versions",
-                    type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
+        message = str(e).strip().splitlines()
+        log.warning("native CPU kernels (%s) unavailable (%s: %s); using the torch versions",
+                    level, type(e).__name__, message[-1] if message else "")
         return None
 
 
-def native_kernels_for(x: torch.Tensor):
-    """The compiled module where its kernels take this tensor (float32 on the CPU), else None."""
-    return native_kernels() if x.device.type == "cpu" and x.dtype == torch.float32 else None
+def describe() -> dict[str, str]:
+    """What `leanserve env` and the server's load log say about the native kernels."""
+    wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+              "asimd", "sve")
+    kernels = native_kernels()
+    return {"cpu": cpu_model(), "cpu flags": " ".join(f for f in wanted if f in cpu_flags()) or "(none of note)",
+            "runnable levels": " ".join(runnable_levels()),
+            "native kernels": kernels.ISA if kernels is not None else "none (torch fallback)"}

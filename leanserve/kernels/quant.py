@@ -17,18 +17,12 @@ LLMInt8Linear  LLM.int8(): int8 weight per output channel ("column-wise" of W^T)
                go through a float matmul instead.
 
 The buffers above are the stored format: `dequantize()` turns them into the exact
-float32 weights and `state_dict()` saves them. int4's and group-wise int8's CPU path
-is a native kernel where it runs (see QuantLinear); the other CPU fast paths use torch's
-weight-only kernels, which run an order of magnitude faster on bfloat16
-activations than on float32 ones, so activations are cast to bfloat16 for the
-kernel and the result back to the caller's dtype; the kernels also want their
-scales in bfloat16, so those round on the fast path only (int4's zeros do not:
-see Int4Linear). Kernel
-operands live in non-persistent buffers (`kernel_*`) built once at construction.
-
+float32 weights and `state_dict()` saves them. On the CPU the native executor
+(leanserve/engine/executor.py) multiplies int4 and int8 weights as stored, on integer
+dot products; these modules' own forward is the plain torch reference and fallback, a
+float matrix product with the exactly dequantized weight (made once, on first use).
 On other devices a class's `gpu_kernel(module, x)`, when set (the model runner sets
-the Triton dequantizing matmuls on CUDA: `use_triton_kernels`), computes y;
-otherwise the weight is dequantized.
+the Triton dequantizing matmuls on CUDA: `use_triton_kernels`), computes y.
 """
 from __future__ import annotations
 
@@ -40,14 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanserve.kernels.cpu_kernels import native_kernels
-
 Q = gguf.GGMLQuantizationType
-KERNEL_DTYPE = torch.bfloat16
 GROUP_SIZES = (32, 64, 128)
 LLM_INT8_THRESHOLD = 6.0
-DENSE_ROWS = 24
-CHANNEL_ROWS = 8
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -61,58 +50,26 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(-2)
 
 
-def _rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """x [..., K] as a contiguous bfloat16 [M, K] matrix for the CPU kernels."""
-    return x.reshape(-1, k).to(KERNEL_DTYPE).contiguous()
-
-
-def vnni_kernels(weight: torch.Tensor, group_size: int | None, *scales: torch.Tensor):
-    """The native kernels, if they multiply by VNNI here and can take this weight: on the CPU, in
-    groups of a multiple of 32 along K, with scales (and mins) whose values are exactly float16
-    (GGUF's are)."""
-    kernels = native_kernels()
-    if (weight.device.type != "cpu" or group_size is None or group_size % 32 or kernels is None
-            or not kernels.vnni_available()):
-        return None
-    return kernels if all(torch.equal(t.half().to(t.dtype), t) for t in scales) else None
-
-
 class QuantLinear(nn.Module):
-    """Shared shape, device dispatch and repr of the quantized linears (no bias: Llama has none).
-
-    `vnni`: the CPU path is the native VNNI kernel (leanserve/kernels/cpu/vnni_linear.cpp) on the
-    `kernel_packed` and `kernel_scales_mins` buffers, within ~1e-5 of float32 on the exact weights for
-    every batch size; otherwise the class's `cpu_forward`.
-    """
+    """Shared shape, forward and repr of the quantized linears (no bias: Llama has none)."""
 
     format: ClassVar[str]
     gpu_kernel: ClassVar[Callable[[QuantLinear, torch.Tensor], torch.Tensor] | None] = None
-    vnni = False
 
     def __init__(self, out_features: int, in_features: int) -> None:
         super().__init__()
         self.out_features, self.in_features = out_features, in_features
-
-    def use_vnni(self, packed: list[torch.Tensor]) -> None:
-        self.vnni = True
-        self.register_buffer("kernel_packed", packed[0], persistent=False)
-        self.register_buffer("kernel_scales_mins", packed[1], persistent=False)
+        self._dequantized: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu":
-            x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
-            y = (native_kernels().vnni_linear(x2, self.kernel_packed, self.kernel_scales_mins, self.group_size,
-                                              self.out_features) if self.vnni else self.cpu_forward(x2))
-            if y.dtype == x.dtype and x.dim() == 2:          # the decode path: no more ops than needed
-                return y
-        elif type(self).gpu_kernel is not None:
-            y = type(self).gpu_kernel(self, x.reshape(-1, self.in_features))
+        x2 = x.reshape(-1, self.in_features)
+        if x.device.type != "cpu" and type(self).gpu_kernel is not None:
+            y = type(self).gpu_kernel(self, x2)
         else:
-            y = F.linear(x.reshape(-1, self.in_features), self.dequantize().to(x.dtype))
+            if self._dequantized is None or self._dequantized.dtype != x.dtype:
+                self._dequantized = self.dequantize().to(x.dtype)
+            y = F.linear(x2, self._dequantized)
         return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-
-    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
 
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         """The float32 weight [N, K] the stored buffers represent, exactly (or those output rows of it)."""
@@ -126,13 +83,7 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """int8 weight-only, symmetric, per output channel (or group-wise along K, as GGUF Q8_0).
-
-    Per channel, the CPU path is `_weight_int8pack_mm`. Group-wise, it is the native VNNI
-    kernel where it runs (see QuantLinear); torch has no group-wise kernel (one call per
-    group is 4x slower than a bfloat16 matmul at batch 32), so otherwise the group-wise path
-    multiplies by a bfloat16 copy of the dequantized weight made at load.
-    """
+    """int8 weight-only, symmetric, per output channel (or group-wise along K, as GGUF Q8_0)."""
 
     format = "int8"
 
@@ -153,28 +104,18 @@ class Int8Linear(QuantLinear):
             self.group_size = in_features // groups
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales.contiguous())
-        kernels = vnni_kernels(weight, self.group_size, scales)
-        if kernels is not None:
-            self.use_vnni(kernels.int8_vnni_pack(self.weight, self.scales))
-        elif weight.device.type == "cpu":
-            if self.group_size is None:
-                self.register_buffer("kernel_scales", scales.to(KERNEL_DTYPE), persistent=False)
-            else:
-                self.register_buffer("kernel_weight", self.dequantize().to(KERNEL_DTYPE), persistent=False)
-        self.register_buffer("kernel_channel_weight", None, persistent=False)    # see add_per_channel_kernel
-        self.register_buffer("kernel_channel_scales", None, persistent=False)
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, group_size: int | None = None) -> Int8Linear:
-        """Round to nearest with scale = absmax / 127, per output channel or per group of K; group scales
-        are stored as float16 (as GGUF Q8_0 stores them) and the weights rounded against them."""
+    def from_float(cls, weight: torch.Tensor, group_size: int | None = None,
+                   scale_dtype: torch.dtype = torch.float16) -> Int8Linear:
+        """Round to nearest with scale = absmax / 127, per output channel or per group of K; scales are
+        stored as float16 (as GGUF Q8_0 stores them, and as the native kernel takes them) and the weights
+        rounded against them."""
         w = weight.detach().float()
         n, k = w.shape
         groups = w if group_size is None else w.view(n, k // _check_group(k, group_size), group_size)
         absmax = groups.abs().amax(dim=-1)
-        scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax))
-        if group_size is not None:
-            scales = scales.half()
+        scales = torch.where(absmax > 0, absmax / 127, torch.ones_like(absmax)).to(scale_dtype)
         q = torch.round(groups / scales.float()[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
         return cls(q, scales)
 
@@ -188,27 +129,10 @@ class Int8Linear(QuantLinear):
         q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows.shape[0], in_features)
         return cls(q, d)
 
-    def add_per_channel_kernel(self) -> None:
-        """Group-wise scales only: also keep the weight requantized per output channel, which torch's
-        int8 kernel multiplies for up to CHANNEL_ROWS rows in a third of the bfloat16 copy's time. Its
-        rounding is not the stored weights' (half a step of absmax / 127 per channel): meant for an LM
-        head, whose top logits are rescored with the exact rows (LlamaForCausalLM.compute_logits)."""
-        channel = Int8Linear.from_float(self.dequantize())
-        self.kernel_channel_weight = channel.weight
-        self.kernel_channel_scales = channel.scales.to(KERNEL_DTYPE)
-
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         scales = self.scales[rows].float()
         scales = scales[:, None] if self.group_size is None else scales.repeat_interleave(self.group_size, dim=1)
         return self.weight[rows].float() * scales
-
-    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.group_size is None:
-            return torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.weight, self.kernel_scales)
-        if self.kernel_channel_weight is not None and x.shape[0] <= CHANNEL_ROWS:
-            return torch.ops.aten._weight_int8pack_mm(_rows(x, self.in_features), self.kernel_channel_weight,
-                                                      self.kernel_channel_scales)
-        return F.linear(_rows(x, self.in_features), self.kernel_weight)
 
     def extra_repr(self) -> str:
         scales = "per channel" if self.group_size is None else f"group_size={self.group_size}"
@@ -227,17 +151,7 @@ def _check_group(in_features: int, group_size: int) -> int:
 
 
 class Int4Linear(QuantLinear):
-    """int4 weight-only, group-wise along K: W = q * scale + min per group (q in 0..15).
-
-    CPU path: the native VNNI kernel where it runs (see QuantLinear; its float16 scales and
-    mins are exact for GGUF's and from_float's). Otherwise torch's kernels:
-    `_weight_int4pack_mm_for_cpu` on its own packing of q computes (q - 8) * scale with
-    bfloat16 scales and activations; the zero term (zero = min + 8 * scale, per group) is
-    added in float32 as x's group sums times the zeros, since rounding the zeros to bfloat16
-    biases whole groups (on the default model, 64 prompts: +0.45% perplexity against
-    float32 with rounded zeros, -0.17% with exact ones). That is for up to DENSE_ROWS rows;
-    more rows multiply a dense bfloat16 copy of (q - 8) * scale instead.
-    """
+    """int4 weight-only, group-wise along K: W = q * scale + min per group (q in 0..15)."""
 
     format = "int4"
 
@@ -253,34 +167,10 @@ class Int4Linear(QuantLinear):
         self.register_buffer("qweight", qweight.contiguous())
         self.register_buffer("scales", scales.contiguous())
         self.register_buffer("mins", mins.contiguous())
-        kernels = vnni_kernels(qweight, self.group_size, self.scales, self.mins)
-        if kernels is not None:
-            self.use_vnni(kernels.int4_vnni_pack(unpack_int4(self.qweight), self.scales, self.mins))
-        elif qweight.device.type == "cpu":
-            # The CPU kernel packs 16 output channels at a time: pad N with zero rows.
-            pad = -out_features % 16
-            q = F.pad(unpack_int4(self.qweight).to(torch.int32), (0, 0, 0, pad))
-            self.register_buffer("kernel_weight", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1),
-                                 persistent=False)
-            # The kernel's zero term would round to bfloat16 with the activations: a bias on each whole
-            # group. It gets zero there; y adds the exact zeros times x's group sums in float32 instead.
-            scales = self.scales.t().to(KERNEL_DTYPE)
-            scales_zeros = torch.stack([scales, torch.zeros_like(scales)], dim=-1)      # [K // G, N, 2]
-            self.register_buffer("kernel_scales_zeros", F.pad(scales_zeros, (0, 0, 0, pad)), persistent=False)
-            self.register_buffer("kernel_zeros", self.zeros().t().contiguous(), persistent=False)  # [K // G, N]
-            # The same (q - 8) * scale as a dense bfloat16 matrix: torch's int4 kernel costs rows x weight
-            # like a matrix-vector product, so past DENSE_ROWS rows a bfloat16 GEMM, reading 4x the bytes,
-            # wins (in the default model's decode step: even at 24 rows, 1.2x at 64, 3x in prefill).
-            self.register_buffer("kernel_dense", self.unshifted_weight().to(KERNEL_DTYPE), persistent=False)
 
     def zeros(self) -> torch.Tensor:
         """float32 zero [N, K // G] of the (q - 8) * scale + zero form."""
         return self.mins.float() + 8 * self.scales.float()
-
-    def unshifted_weight(self) -> torch.Tensor:
-        """(q - 8) * bfloat16(scale) in float32: the weight without its zero term, as the CPU kernel has it."""
-        scales = self.scales.to(KERNEL_DTYPE).float().repeat_interleave(self.group_size, dim=1)
-        return (unpack_int4(self.qweight).float() - 8) * scales
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> Int4Linear:
@@ -321,16 +211,6 @@ class Int4Linear(QuantLinear):
         q = unpack_int4(self.qweight[rows]).float()
         return q * self.scales[rows].float().repeat_interleave(g, dim=1) + self.mins[rows].float().repeat_interleave(g, dim=1)
 
-    def cpu_forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = _rows(x, self.in_features)
-        if a.shape[0] > DENSE_ROWS:
-            y = F.linear(a, self.kernel_dense)
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(a, self.kernel_weight, self.group_size,
-                                                           self.kernel_scales_zeros)
-        group_sums = x.reshape(x.shape[0], -1, self.group_size).sum(-1, dtype=torch.float32)
-        return torch.addmm(y[:, :self.out_features].float(), group_sums, self.kernel_zeros)
-
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, group_size={self.group_size}"
 
@@ -362,7 +242,7 @@ class LLMInt8Linear(QuantLinear):
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, threshold: float = LLM_INT8_THRESHOLD) -> LLMInt8Linear:
-        int8 = Int8Linear.from_float(weight)
+        int8 = Int8Linear.from_float(weight, scale_dtype=torch.float32)
         return cls(int8.weight, int8.scales, threshold)
 
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:

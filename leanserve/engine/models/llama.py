@@ -14,10 +14,6 @@ from torch import nn
 
 from leanserve.engine.config import ModelConfig
 from leanserve.kernels.attention import get_forward_context
-from leanserve.kernels.cpu_kernels import native_kernels_for
-from leanserve.kernels.quant import QuantLinear
-
-RESCORED_CANDIDATES = 32
 
 
 class RMSNorm(nn.Module):
@@ -27,14 +23,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """norm(x); with `residual`, (norm(x + residual), x + residual): a layer's residual add and
-        the next norm, fused in place (x and residual are overwritten) where the native kernel runs."""
+        """norm(x); with `residual`, (norm(x + residual), x + residual): a layer's residual add and the next norm."""
         if residual is None:
             return self._norm(x)
-        kernels = native_kernels_for(x)
-        if kernels is not None and x.is_contiguous() and residual.is_contiguous():
-            kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
-            return x, residual
         residual = x + residual
         return self._norm(residual), residual
 
@@ -101,17 +92,12 @@ class LlamaAttention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)   # set by the model runner
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        qkv = self.qkv_proj(x)
-        md = get_forward_context()
-        fused = getattr(self.backend, "attention_step", None)    # rotary + cache write + attention, one call
-        out = fused(qkv, rope, self.k_cache, self.v_cache, md, self.num_heads) if fused is not None else None
-        if out is None:
-            qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
-            # Queries and keys rotate together, as one [T, heads + kv heads, D] tensor.
-            qk = rotate(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-            out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, md)
+        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        # Queries and keys rotate together, as one [T, heads + kv heads, D] tensor.
+        qk = rotate(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = v.reshape(-1, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(q, k, v, self.k_cache, self.v_cache, get_forward_context())
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
@@ -122,11 +108,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        kernels = native_kernels_for(gate_up)
-        if kernels is not None:
-            return self.down_proj(kernels.silu_mul(gate_up))       # the native loop's activation, one pass
-        gate, up = gate_up.chunk(2, dim=-1)
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -159,55 +141,17 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.requires_grad_(False)
-        self.native_layers: tuple | bool | None = None      # model_layers' arguments; set at the first step
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Hidden states [T, hidden] of a flat token batch (before the final norm)."""
         x, residual = self.embed_tokens(input_ids), None
         rope = self.rotary(positions)
-        if self.native_layers is None:
-            self.native_layers = self._native_layer_arguments()
-        md = get_forward_context()
-        if self.native_layers and x.dtype == torch.float32:
-            # Every linear runs on the VNNI kernel: the same loop, in one native call.
-            kernels, weights, groups, k_caches, v_caches, backend = self.native_layers
-            attn = self.layers[0].self_attn
-            step = backend.native_step(md, attn.num_heads, attn.k_cache)
-            if step is not None:
-                return kernels.model_layers(x, weights, groups, k_caches, v_caches, self.config.rms_norm_eps, *rope,
-                                            md.slot_mapping, *step, attn.num_heads, backend.tile_size,
-                                            attn.head_dim ** -0.5)
         for layer in self.layers:
             x, residual = layer(x, residual, rope)
         return x + residual
 
-    def _native_layer_arguments(self) -> tuple | bool:
-        """model_layers' fixed arguments, or False where the native loop does not apply: no native
-        attention kernels, or a linear off the VNNI kernel."""
-        backend = self.layers[0].self_attn.backend
-        kernels = getattr(backend, "kernels", None)
-        linears = [(layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-                   for layer in self.layers]
-        if kernels is None or not all(getattr(m, "vnni", False) for four in linears for m in four):
-            return False
-        weights = []
-        for layer, four in zip(self.layers, linears):
-            weights += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
-            weights += [t for m in four for t in (m.kernel_packed, m.kernel_scales_mins)]
-        return (kernels, weights, [m.group_size for four in linears for m in four],
-                [layer.self_attn.k_cache for layer in self.layers], [layer.self_attn.v_cache for layer in self.layers],
-                backend)
-
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        x = self.norm(hidden)
-        logits = self.lm_head(x).float()
-        if isinstance(self.lm_head, QuantLinear) and not self.lm_head.vnni:
-            # torch's CPU kernels round a quantized head's logits to bfloat16 (about 3 digits), which ties or
-            # swaps near-equal candidates: the top ones are rescored in float32 with their exact weight rows.
-            top = logits.topk(min(RESCORED_CANDIDATES, logits.shape[-1]), dim=-1).indices        # [B, k]
-            rows = self.lm_head.dequantize(top.flatten()).view(*top.shape, -1)                  # [B, k, H]
-            logits.scatter_(-1, top, torch.einsum("bh,bkh->bk", x.float(), rows))
-        return logits
+        return self.lm_head(self.norm(hidden)).float()
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy HuggingFace-named weights in, fusing q/k/v and gate/up; tie the head if the file has none."""

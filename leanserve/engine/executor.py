@@ -1,0 +1,121 @@
+"""How a step's layers run, chosen once at load.
+
+NativeExecutor: the C++ executor (leanserve/kernels/cpu/executor.h) with the model's weights and KV
+caches bound once; each step is planned once (its lean-attention tiles and prefill items) and all
+decoder layers run in one call. Linears multiply int4 and int8 weights as stored, on integer dot
+products, or float32 weights with torch's GEMM.
+
+TorchExecutor: the plain torch model with an attention backend (torch on the CPU, Triton on a GPU):
+the reference the native executor is tested against, and the fallback where it cannot run (no C++
+compiler, a GPU, bfloat16 activations, LLM.int8 linears).
+"""
+from __future__ import annotations
+
+import logging
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.kernels.attention import AttentionBackend, AttentionMetadata, forward_context
+from leanserve.kernels.quant import Int4Linear, Int8Linear, QuantLinear, unpack_int4
+
+log = logging.getLogger("leanserve.engine")
+
+
+class Executor(Protocol):
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        """Hidden states [T, hidden] of a flat token batch (before the final norm); writes its keys and
+        values into the KV cache."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """float32 logits [B, vocab] of hidden states [B, hidden]."""
+
+    def describe(self) -> dict[str, str]:
+        """What runs each operation, for the load log, /metrics and `leanserve env`."""
+
+
+class TorchExecutor:
+    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, reason: str) -> None:
+        self.model, self.backend, self.reason = model, backend, reason
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        self.backend.prepare(md)
+        with forward_context(md):
+            return self.model(input_ids, positions)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.compute_logits(hidden)
+
+    def describe(self) -> dict[str, str]:
+        linears = sorted({getattr(m, "format", "float") for m in self.model.modules() if isinstance(m, nn.Linear | QuantLinear)})
+        return {"executor": f"torch ({self.reason})", "linear": "torch: " + ", ".join(
+                    f"{f} (dequantized to {self.model.embed_tokens.weight.dtype})" if f in ("int4", "int8") else f
+                    for f in linears),
+                "attention": type(self.backend).__name__}
+
+
+def _exact_half(t: torch.Tensor) -> bool:
+    return bool(torch.equal(t.half().to(t.dtype), t))
+
+
+def native_linear(module: nn.Module, kernels):
+    """The executor's linear for a model module, or a string saying why the executor cannot take it."""
+    if isinstance(module, Int4Linear):
+        if not (_exact_half(module.scales) and _exact_half(module.mins)):
+            return f"int4 scales of {module} are not float16 values"
+        return kernels.Linear.quantized(*kernels.pack_int4(unpack_int4(module.qweight), module.scales, module.mins),
+                                        module.group_size, module.out_features)
+    if isinstance(module, Int8Linear):
+        group = module.group_size or module.in_features           # per channel: one group of all of K
+        scales = module.scales if module.group_size else module.scales[:, None]
+        if group % 32 or not _exact_half(scales):
+            return f"int8 {module}: groups of {group} or scales that are not float16 values"
+        return kernels.Linear.quantized(*kernels.pack_int8(module.weight, scales), group, module.out_features)
+    if type(module) is nn.Linear and module.weight.dtype == torch.float32:
+        return kernels.Linear.dense(module.weight)
+    return f"{type(module).__name__} ({getattr(module, 'format', module.weight.dtype)}) has no native kernel"
+
+
+class NativeExecutor:
+    def __init__(self, model: LlamaForCausalLM, kernels, layers: list, lm_head, tile_size: int) -> None:
+        cfg = model.config
+        self.model, self.kernels = model, kernels
+        self.native = kernels.Executor(layers, lm_head, model.norm.weight, cfg.num_attention_heads,
+                                       cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, tile_size)
+
+    @classmethod
+    def build(cls, model: LlamaForCausalLM, kernels, tile_size: int = 128) -> NativeExecutor | str:
+        """The executor for `model` (its caches set), or a string saying why there is none."""
+        if kernels is None:
+            return "no native CPU kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler)"
+        if model.embed_tokens.weight.device.type != "cpu" or model.embed_tokens.weight.dtype != torch.float32:
+            return "the native executor runs float32 activations on the CPU"
+        if model.config.head_dim % 16:
+            return f"head_dim {model.config.head_dim} is not a multiple of 16"
+        layers = []
+        for layer in model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [native_linear(m, kernels) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if reason := next((x for x in linears if isinstance(x, str)), None):
+                return reason
+            layers.append(kernels.DecoderLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
+                                               *linears, attn.k_cache, attn.v_cache))
+        lm_head = native_linear(model.lm_head, kernels)
+        if isinstance(lm_head, str):
+            return "LM head: " + lm_head
+        return cls(model, kernels, layers, lm_head, tile_size)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        plan = self.native.plan(md.query_starts, md.query_lens, md.context_lens, md.block_tables, md.slot_mapping)
+        cos, sin = self.model.rotary(positions)
+        return self.native.forward(self.model.embed_tokens(input_ids), cos, sin, plan)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.native.logits(hidden)
+
+    def describe(self) -> dict[str, str]:
+        isa = self.kernels.ISA
+        return {"executor": f"native ({isa})", "linear": f"native {isa}: int4/int8 blocks as stored, 16-bit activations",
+                "attention": f"native {isa}: lean attention (decode), flash attention (prefill) on the paged cache"}

@@ -1,0 +1,489 @@
+// Attention over the paged KV cache: one step's plan, lean attention for decode rows, flash attention
+// for prefill segments, and the rotary embedding with the cache write before them. Float32 arithmetic;
+// the cache [num_blocks, block_size, Hkv, D] holds float32, float16 or bfloat16. Every key and value,
+// the step's own included, is read from the cache: a token's attention does not depend on whether
+// its prefix was computed in this step, an earlier chunk or read from the prefix cache.
+//
+// Lean attention (DESIGN.md): every decode row's context is cut into tiles of `tile` tokens; the
+// flat list of all tiles is split into contiguous, equal ranges, one per thread (stream-K), which
+// may end inside one sequence's tiles and start inside the next. A tile serves all query heads of
+// its tokens (each KV head with the G query heads of its group), so every cached row [Hkv, D] is
+// read once, contiguously. It writes partial outputs and log-sum-exps; a second pass merges each
+// head's partials: O = sum_i exp(lse_i - L) o_i, L = log sum_i exp(lse_i).
+//
+// Prefill: a work item is one KV head and up to kRows consecutive (token, query head) rows of its
+// group in one segment. Queries are held transposed, Qt [D, kRows], so the rows lie along the
+// vector lanes: scores St [keys, kRows] are broadcast key values times Qt, the online softmax
+// (running max and sum per row) is elementwise across keys, and the output Ot [D, kRows] gathers
+// broadcast value entries times St's probabilities. Keys are taken kKeys at a time, converted to
+// float32 once per item; a block past the item's last token is skipped (causal), one that straddles
+// it is masked. Items are handed to threads longest first (OpenMP dynamic schedule).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <type_traits>
+#include <vector>
+
+#include "simd.h"
+
+namespace leanserve {
+
+constexpr int64_t kRowVecs = 3, kRows = kRowVecs * simd::kLanes, kKeys = 32;
+constexpr int64_t kKeyGroup = simd::kRegisters == 32 ? 8 : 4, kDimGroup = kKeyGroup;
+
+// A step's batch as attention sees it, worked out once per step and shared by every layer.
+// A row with one new token is a decode row (lean attention); a row with more is a prefill segment.
+struct StepPlan {
+  struct Tile { int64_t seq, start, end; };                 // decode sequence, tokens [start, end)
+  struct Segment { int64_t start, q_len, context; const int64_t* table; };
+  struct Item { int64_t seg, head, first, rows, cost; };    // KV head, flat rows [first, first + rows)
+
+  int64_t block_size, heads, kv_heads, tile;
+  at::Tensor slots;                          // [T] int64: the cache slot of each new token
+  std::vector<int64_t> tables;               // every sequence's block table, back to back
+  std::vector<int64_t> decode_rows, decode_lens;
+  std::vector<const int64_t*> decode_tables;
+  std::vector<Tile> tiles;
+  std::vector<int64_t> first_tile;           // [decode rows + 1]: each decode row's tiles
+  std::vector<Segment> segments;
+  std::vector<Item> items;                   // longest first
+  std::vector<float> partial_out, partial_lse;    // lean attention's scratch, reused by every layer
+
+  StepPlan(const std::vector<int64_t>& query_starts, const std::vector<int64_t>& query_lens,
+           const std::vector<int64_t>& context_lens, const std::vector<std::vector<int64_t>>& block_tables,
+           at::Tensor slot_mapping, int64_t block_size_, int64_t heads_, int64_t kv_heads_, int64_t tile_)
+      : block_size(block_size_), heads(heads_), kv_heads(kv_heads_), tile(tile_), slots(slot_mapping.contiguous()) {
+    const size_t n = query_lens.size();
+    TORCH_CHECK(query_starts.size() == n && context_lens.size() == n && block_tables.size() == n,
+                "one start, length, context and block table a sequence");
+    TORCH_CHECK(block_size > 0 && tile > 0 && kv_heads > 0 && heads % kv_heads == 0, "bad step layout");
+    TORCH_CHECK(slots.scalar_type() == at::kLong, "int64 slots");
+    std::vector<size_t> offsets;
+    for (const auto& t : block_tables) {
+      offsets.push_back(tables.size());
+      tables.insert(tables.end(), t.begin(), t.end());
+    }
+    const int64_t groups = heads / kv_heads;
+    first_tile.push_back(0);
+    for (size_t s = 0; s < n; ++s) {
+      const int64_t context = context_lens[s], q_len = query_lens[s];
+      TORCH_CHECK(q_len >= 1 && context >= q_len &&
+                      static_cast<int64_t>(block_tables[s].size()) * block_size >= context,
+                  "a sequence's block table must cover its context");
+      const int64_t* table = tables.data() + offsets[s];
+      if (q_len == 1) {
+        const int64_t seq = static_cast<int64_t>(decode_rows.size());
+        decode_rows.push_back(query_starts[s]);
+        decode_lens.push_back(context);
+        decode_tables.push_back(table);
+        for (int64_t start = 0; start < context; start += tile) tiles.push_back({seq, start, std::min(start + tile, context)});
+        first_tile.push_back(static_cast<int64_t>(tiles.size()));
+        continue;
+      }
+      const int64_t seg = static_cast<int64_t>(segments.size()), cached = context - q_len;
+      segments.push_back({query_starts[s], q_len, context, table});
+      for (int64_t first = 0; first < q_len * groups; first += kRows) {
+        const int64_t rows = std::min(kRows, q_len * groups - first), last_token = (first + rows - 1) / groups;
+        for (int64_t h = 0; h < kv_heads; ++h) items.push_back({seg, h, first, rows, cached + last_token + 1});
+      }
+    }
+    std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+    partial_lse.resize(tiles.size() * heads);    // partial_out: sized by lean_decode, which knows head_dim
+  }
+};
+
+// ------------------------------------------------------------------------------------ lean decode
+
+// Softmax of each head's scores [heads, n] in place; lse[h] = log sum exp.
+inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
+  constexpr int64_t L = simd::kLanes;
+  for (int64_t h = 0; h < heads; ++h) {
+    float* s = scores + h * n;
+    float m = -std::numeric_limits<float>::infinity();
+    int64_t t = 0;
+    simd::Vec top = simd::set1(m);
+    for (; t + L <= n; t += L) top = simd::max(top, simd::load(s + t));
+    m = simd::reduce_max(top);
+    for (; t < n; ++t) m = std::max(m, s[t]);
+    simd::Vec sums = simd::zero();
+    for (t = 0; t + L <= n; t += L) {
+      const simd::Vec e = simd::exp(simd::sub(simd::load(s + t), simd::set1(m)));
+      simd::store(s + t, e);
+      sums = simd::add(sums, e);
+    }
+    float sum = simd::reduce_add(sums);
+    for (; t < n; ++t) {
+      s[t] = std::exp(s[t] - m);
+      sum += s[t];
+    }
+    lse[h] = m + std::log(sum);
+    const float inv = 1.f / sum;
+    for (t = 0; t < n; ++t) s[t] *= inv;
+  }
+}
+
+// out[j] (DC vectors) = sum_t p[j n + t] v_t for HC query heads j of one KV head, the outputs held in
+// registers while the tokens pass; v_t at v + rows[t].
+template <typename T, int DC, int HC>
+inline void weigh_values(const T* v, const int64_t* rows, int64_t n, const float* p, float* out, int64_t dim) {
+  simd::Vec acc[HC][DC];
+  for (int j = 0; j < HC; ++j)
+    for (int i = 0; i < DC; ++i) acc[j][i] = simd::zero();
+  for (int64_t t = 0; t < n; ++t) {
+    simd::Vec vv[DC];
+    for (int i = 0; i < DC; ++i) vv[i] = simd::load(v + rows[t] + simd::kLanes * i);
+    for (int j = 0; j < HC; ++j) {
+      const simd::Vec w = simd::set1(p[j * n + t]);
+      for (int i = 0; i < DC; ++i) acc[j][i] = simd::fmadd(w, vv[i], acc[j][i]);
+    }
+  }
+  for (int j = 0; j < HC; ++j)
+    for (int i = 0; i < DC; ++i) simd::store(out + j * dim + simd::kLanes * i, acc[j][i]);
+}
+
+template <typename T, int DC>
+inline void weigh_values_heads(const T* v, const int64_t* rows, int64_t n, const float* p, float* out, int64_t dim,
+                               int64_t heads) {
+  constexpr int64_t kHeads = simd::kRegisters == 32 ? 4 : 2;
+  for (int64_t h = 0; h < heads; h += kHeads) {
+    const int64_t hc = std::min(kHeads, heads - h);
+    const float* ph = p + h * n;
+    float* oh = out + h * dim;
+    if (hc == 4) weigh_values<T, DC, 4>(v, rows, n, ph, oh, dim);
+    else if (hc == 3) weigh_values<T, DC, 3>(v, rows, n, ph, oh, dim);
+    else if (hc == 2) weigh_values<T, DC, 2>(v, rows, n, ph, oh, dim);
+    else weigh_values<T, DC, 1>(v, rows, n, ph, oh, dim);
+  }
+}
+
+// One tile: tokens [start, end) of one sequence, all its query heads, in two passes over the tokens.
+// Keys, token by token: the row of every KV head is read once (KC vectors at a time, held in
+// registers while the group's query heads meet them), each query head's product with it kept as
+// kLanes lanes to add up; every kLanes tokens, sum_lanes turns those into kLanes scores a head.
+// The pass prefetches each token's keys and values `ahead` tokens early, across the cache's
+// scattered blocks (without it the loads wait on memory).
+// Values, a KV head at a time: its query heads' outputs stay in registers (weigh_values).
+template <typename T, int KC>
+void attend_tile(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t start, int64_t end,
+                 int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim, float* scores, float* out,
+                 float* lse) {
+  constexpr int64_t L = simd::kLanes, line = 64 / sizeof(T), ahead = 8;
+  const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim, vecs = dim / L;
+  thread_local std::vector<int64_t> row_buffer;
+  thread_local std::vector<simd::Vec> lane_buffer;
+  row_buffer.resize(n);
+  lane_buffer.resize(L * heads);
+  int64_t* rows = row_buffer.data();
+  simd::Vec* lanes = lane_buffer.data();            // [heads, L tokens]
+  for (int64_t t = 0, pos = start; t < n; ++t, ++pos)
+    rows[t] = (table[pos / block_size] * block_size + pos % block_size) * row;
+  for (int64_t t = 0; t < n; ++t) {
+    for (int64_t u = t == 0 ? 0 : t + ahead; u <= std::min(t + ahead, n - 1); ++u)   // first: tokens 0..ahead
+      for (int64_t i = 0; i < row; i += line) {
+        simd::prefetch(k_cache + rows[u] + i);
+        simd::prefetch(v_cache + rows[u] + i);
+      }
+    const T* k = k_cache + rows[t];
+    for (int64_t g = 0; g < kv_heads; ++g) {
+      for (int64_t c = 0; c < vecs; c += KC) {
+        simd::Vec kv[KC];
+        for (int i = 0; i < KC; ++i) kv[i] = simd::load(k + g * dim + L * (c + i));
+        for (int64_t h = g * groups; h < (g + 1) * groups; ++h) {
+          const float* qh = q + h * dim + L * c;
+          simd::Vec acc = c == 0 ? simd::zero() : lanes[h * L + t % L];
+          for (int i = 0; i < KC; ++i) acc = simd::fmadd(simd::load(qh + L * i), kv[i], acc);
+          lanes[h * L + t % L] = acc;
+        }
+      }
+    }
+    if (t % L == L - 1 || t == n - 1) {
+      const int64_t t0 = t - t % L, count = t % L + 1;
+      for (int64_t h = 0; h < heads; ++h) {
+        for (int64_t i = count; i < L; ++i) lanes[h * L + i] = simd::zero();
+        simd::store_partial(scores + h * n + t0, simd::sum_lanes(lanes + h * L), static_cast<int>(count));
+      }
+    }
+  }
+  softmax_rows(scores, heads, n, lse);
+  for (int64_t g = 0; g < kv_heads; ++g) {
+    for (int64_t c = 0; c < vecs;) {
+      const T* v = v_cache + g * dim + L * c;
+      const float* p = scores + g * groups * n;
+      float* o = out + g * groups * dim + L * c;
+      if (vecs - c >= 4) {
+        weigh_values_heads<T, 4>(v, rows, n, p, o, dim, groups);
+        c += 4;
+      } else if (vecs - c >= 2) {
+        weigh_values_heads<T, 2>(v, rows, n, p, o, dim, groups);
+        c += 2;
+      } else {
+        weigh_values_heads<T, 1>(v, rows, n, p, o, dim, groups);
+        c += 1;
+      }
+    }
+  }
+}
+
+// attend_tile with the widest key chunk (8, 4, 2 or 1 vectors) that divides the head's vectors.
+template <typename T>
+void attend_tile_any(int64_t dim, const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
+                     int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, float* scores,
+                     float* out, float* lse) {
+  const int64_t vecs = dim / simd::kLanes;
+  auto run = [&](auto kc) {
+    attend_tile<T, decltype(kc)::value>(q, k_cache, v_cache, table, start, end, block_size, kv_heads, groups, dim,
+                                        scores, out, lse);
+  };
+  if (vecs % 8 == 0) run(std::integral_constant<int, 8>());
+  else if (vecs % 4 == 0) run(std::integral_constant<int, 4>());
+  else if (vecs % 2 == 0) run(std::integral_constant<int, 2>());
+  else run(std::integral_constant<int, 1>());
+}
+
+// Lean attention for the plan's decode rows: q [T, H, D] float32 (scaled already), writes their rows of out.
+template <typename T>
+void lean_decode(StepPlan& plan, const float* q, const T* k_cache, const T* v_cache, int64_t dim, float* out) {
+  const int64_t heads = plan.heads, groups = heads / plan.kv_heads, tile = plan.tile;
+  const int64_t num_tiles = static_cast<int64_t>(plan.tiles.size());
+  plan.partial_out.resize(num_tiles * heads * dim);        // every tile writes all of its own partials
+  float* partial_out = plan.partial_out.data();
+  float* partial_lse = plan.partial_lse.data();
+  at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(heads * tile);
+    for (int64_t i = begin; i < end; ++i) {
+      const StepPlan::Tile& t = plan.tiles[i];
+      attend_tile_any<T>(dim, q + plan.decode_rows[t.seq] * heads * dim, k_cache, v_cache, plan.decode_tables[t.seq],
+                         t.start, t.end, plan.block_size, plan.kv_heads, groups, scores.data(),
+                         partial_out + i * heads * dim, partial_lse + i * heads);
+    }
+  });
+  const int64_t batch = static_cast<int64_t>(plan.decode_rows.size());
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / heads, h = pair % heads;
+      float* o = out + (plan.decode_rows[b] * heads + h) * dim;
+      std::fill(o, o + dim, 0.f);
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t i = plan.first_tile[b]; i < plan.first_tile[b + 1]; ++i) top = std::max(top, partial_lse[i * heads + h]);
+      float total = 0.f;
+      for (int64_t i = plan.first_tile[b]; i < plan.first_tile[b + 1]; ++i) {
+        const float w = std::exp(partial_lse[i * heads + h] - top);
+        total += w;
+        const float* p = partial_out + (i * heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * p[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------- prefill
+
+// rows [n, D] float32 of positions [first, first + n) of a segment's KV head, from the cache.
+template <typename T>
+void gather_rows(const StepPlan::Segment& seg, const T* cache, int64_t head, int64_t kv_heads, int64_t dim,
+                 int64_t block_size, int64_t first, int64_t n, float* out) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t pos = first + j, slot = seg.table[pos / block_size] * block_size + pos % block_size;
+    const T* src = cache + (slot * kv_heads + head) * dim;
+    for (int64_t d = 0; d < dim; d += simd::kLanes) simd::store(out + j * dim + d, simd::load(src + d));
+  }
+}
+
+// One item; q [T, H, D] float32, scaled already; writes its rows of out [T, H, D].
+template <typename T>
+void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, const float* q, const T* k_cache,
+                  const T* v_cache, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, float* out,
+                  float* scratch) {
+  const int64_t groups = heads / kv_heads, cached = seg.context - seg.q_len;
+  float* qt = scratch;                   // [D, kRows]
+  float* ot = qt + dim * kRows;          // [D, kRows]
+  float* st = ot + dim * kRows;          // [kKeys, kRows]
+  float* keys = st + kKeys * kRows;      // [kKeys, D]
+  float* values = keys + kKeys * dim;    // [kKeys, D]
+  alignas(64) float position[kRows];     // each row's token position; padding rows see every key
+  std::fill(qt, qt + dim * kRows, 0.f);
+  std::fill(ot, ot + dim * kRows, 0.f);
+  std::fill(position, position + kRows, std::numeric_limits<float>::max());
+  for (int64_t r = 0; r < item.rows; ++r) {
+    const int64_t f = item.first + r, t = f / groups, h = item.head * groups + f % groups;
+    const float* src = q + ((seg.start + t) * heads + h) * dim;
+    for (int64_t d = 0; d < dim; ++d) qt[d * kRows + r] = src[d];
+    position[r] = static_cast<float>(cached + t);
+  }
+  simd::Vec row_position[kRowVecs], row_max[kRowVecs], row_sum[kRowVecs];
+  for (int i = 0; i < kRowVecs; ++i) {
+    row_position[i] = simd::load(position + simd::kLanes * i);
+    row_max[i] = simd::set1(-std::numeric_limits<float>::infinity());
+    row_sum[i] = simd::zero();
+  }
+  const int64_t first_pos = cached + item.first / groups;          // keys up to it are visible to every row
+  const int64_t end = cached + (item.first + item.rows - 1) / groups + 1;
+  const simd::Vec minus_inf = simd::set1(-std::numeric_limits<float>::infinity());
+  for (int64_t k0 = 0; k0 < end; k0 += kKeys) {
+    const int64_t n = std::min(kKeys, end - k0);
+    gather_rows(seg, k_cache, item.head, kv_heads, dim, block_size, k0, n, keys);
+    gather_rows(seg, v_cache, item.head, kv_heads, dim, block_size, k0, n, values);
+    // Scores: st[j, r] = keys[j] . qt[:, r], kKeyGroup keys at a time.
+    for (int64_t j0 = 0; j0 < n; j0 += kKeyGroup) {
+      const int64_t m = std::min(kKeyGroup, n - j0);
+      simd::Vec acc[kKeyGroup][kRowVecs];
+      for (int j = 0; j < kKeyGroup; ++j)
+        for (int i = 0; i < kRowVecs; ++i) acc[j][i] = simd::zero();
+      for (int64_t d = 0; d < dim; ++d) {
+        simd::Vec qv[kRowVecs];
+        for (int i = 0; i < kRowVecs; ++i) qv[i] = simd::load(qt + d * kRows + simd::kLanes * i);
+        for (int j = 0; j < kKeyGroup; ++j) {
+          const simd::Vec key = simd::set1(keys[(j0 + std::min<int64_t>(j, m - 1)) * dim + d]);
+          for (int i = 0; i < kRowVecs; ++i) acc[j][i] = simd::fmadd(key, qv[i], acc[j][i]);
+        }
+      }
+      for (int j = 0; j < kKeyGroup; ++j)    // all of them (st has room): a partial store would spill acc
+        for (int i = 0; i < kRowVecs; ++i) simd::store(st + (j0 + j) * kRows + simd::kLanes * i, acc[j][i]);
+    }
+    // The online softmax; keys past a row's token get probability 0 (the causal mask).
+    simd::Vec alpha[kRowVecs];
+    for (int i = 0; i < kRowVecs; ++i) {
+      auto visible = [&](int64_t j, simd::Vec x, simd::Vec otherwise) {
+        return k0 + j > first_pos ? simd::select_ge(row_position[i], simd::set1(static_cast<float>(k0 + j)), x, otherwise)
+                                  : x;
+      };
+      simd::Vec top = row_max[i];
+      for (int64_t j = 0; j < n; ++j)
+        top = simd::max(top, visible(j, simd::load(st + j * kRows + simd::kLanes * i), minus_inf));
+      alpha[i] = simd::exp(simd::sub(row_max[i], top));
+      simd::Vec sum = simd::zero();
+      for (int64_t j = 0; j < n; ++j) {
+        const simd::Vec p = visible(j, simd::exp(simd::sub(simd::load(st + j * kRows + simd::kLanes * i), top)),
+                                    simd::zero());
+        simd::store(st + j * kRows + simd::kLanes * i, p);
+        sum = simd::add(sum, p);
+      }
+      row_sum[i] = simd::fmadd(row_sum[i], alpha[i], sum);
+      row_max[i] = top;
+    }
+    // ot[d, r] = alpha[r] ot[d, r] + sum_j values[j, d] st[j, r], kDimGroup dims at a time.
+    for (int64_t d0 = 0; d0 < dim; d0 += kDimGroup) {
+      simd::Vec acc[kDimGroup][kRowVecs];
+      for (int e = 0; e < kDimGroup; ++e)
+        for (int i = 0; i < kRowVecs; ++i)
+          acc[e][i] = simd::mul(simd::load(ot + (d0 + e) * kRows + simd::kLanes * i), alpha[i]);
+      for (int64_t j = 0; j < n; ++j) {
+        simd::Vec p[kRowVecs];
+        for (int i = 0; i < kRowVecs; ++i) p[i] = simd::load(st + j * kRows + simd::kLanes * i);
+        for (int e = 0; e < kDimGroup; ++e) {
+          const simd::Vec value = simd::set1(values[j * dim + d0 + e]);
+          for (int i = 0; i < kRowVecs; ++i) acc[e][i] = simd::fmadd(value, p[i], acc[e][i]);
+        }
+      }
+      for (int e = 0; e < kDimGroup; ++e)
+        for (int i = 0; i < kRowVecs; ++i) simd::store(ot + (d0 + e) * kRows + simd::kLanes * i, acc[e][i]);
+    }
+  }
+  alignas(64) float inverse[kRows];
+  for (int i = 0; i < kRowVecs; ++i) simd::store(inverse + simd::kLanes * i, simd::div(simd::set1(1.f), row_sum[i]));
+  for (int64_t r = 0; r < item.rows; ++r) {
+    const int64_t f = item.first + r, t = f / groups, h = item.head * groups + f % groups;
+    float* dst = out + ((seg.start + t) * heads + h) * dim;
+    for (int64_t d = 0; d < dim; ++d) dst[d] = ot[d * kRows + r] * inverse[r];
+  }
+}
+
+// The plan's prefill items over the threads (each with its own scratch).
+template <typename T>
+void prefill_attention(const StepPlan& plan, const float* q, const T* k_cache, const T* v_cache, int64_t dim, float* out) {
+  if (plan.items.empty()) return;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> scratch(2 * dim * kRows + kKeys * kRows + 2 * kKeys * dim);
+#pragma omp for schedule(dynamic, 1)
+    for (size_t i = 0; i < plan.items.size(); ++i) {
+      const StepPlan::Item& item = plan.items[i];
+      prefill_item<T>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
+                      plan.block_size, out, scratch.data());
+    }
+  }
+}
+
+// -------------------------------------------------------------------------------- the attention step
+
+// The rotary embedding of a step's queries and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin
+// [T, D], HF's rotate-half layout: x cos + roll(x, D/2) sin): queries into q [T, H, D], times
+// `scale`; keys (rotated) and values into their cache slots, rounded as torch's cast rounds.
+template <typename T>
+void write_rotated(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t rows,
+                   int64_t heads, int64_t kv_heads, int64_t dim, float scale, float* q, T* k_cache, T* v_cache) {
+  constexpr int64_t L = simd::kLanes;
+  const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
+  auto rotate = [&](const float* x, const float* c, const float* sn, float factor, auto* dst) {
+    int64_t d = 0;
+    if (half % L == 0)
+      for (; d < dim; d += L) {
+        const simd::Vec rolled = simd::mul(simd::load(x + (d + half) % dim), simd::load(sn + d));
+        simd::store(dst + d, simd::mul(simd::fmadd(simd::load(x + d), simd::load(c + d), rolled), simd::set1(factor)));
+      }
+    using D = std::remove_pointer_t<decltype(dst)>;
+    for (; d < dim; ++d) dst[d] = static_cast<D>((x[d] * c[d] + x[(d + half) % dim] * sn[d]) * factor);
+  };
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const float* row = qkv + b * width;
+      const float* cb = cos + b * dim;
+      const float* sb = sin + b * dim;
+      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cb, sb, scale, q + (b * heads + h) * dim);
+      for (int64_t h = 0; h < kv_heads; ++h) {                // keys, rotated; values as they are
+        rotate(row + (heads + h) * dim, cb, sb, 1.f, k_cache + (slots[b] * kv_heads + h) * dim);
+        const float* value = row + (heads + kv_heads + h) * dim;
+        T* v = v_cache + (slots[b] * kv_heads + h) * dim;
+        for (int64_t d = 0; d < dim; d += L) simd::store(v + d, simd::load(value + d));
+      }
+    }
+  });
+}
+
+inline void check_cache(const at::Tensor& k_cache, const at::Tensor& v_cache, int64_t kv_heads, int64_t dim) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type(),
+              "k_cache and v_cache must be [num_blocks, block_size, Hkv, D] of one dtype");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the caches must be contiguous");
+  TORCH_CHECK(k_cache.size(2) == kv_heads && k_cache.size(3) == dim, "the cache's heads do not match");
+  TORCH_CHECK(dim % 16 == 0, "head_dim must be a multiple of 16");
+  const auto t = k_cache.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kHalf || t == at::kBFloat16, "a float32, float16 or bfloat16 cache");
+}
+
+// Calls f(static_cast<T*>(nullptr)) with the cache's element type T.
+template <typename F>
+void with_cache_type(at::ScalarType type, F&& f) {
+  if (type == at::kFloat) f(static_cast<float*>(nullptr));
+  else if (type == at::kHalf) f(static_cast<c10::Half*>(nullptr));
+  else f(static_cast<c10::BFloat16*>(nullptr));
+}
+
+// One layer's attention for the step, on float32 activations: the rotary embedding, the new keys and
+// values into the cache, prefill attention for the segments and lean attention for the decode rows.
+// qkv [T, (H + 2 Hkv) D]; returns [T, H D].
+inline at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                 const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan, double scale) {
+  const int64_t rows = qkv.size(0), dim = k_cache.size(3), heads = plan.heads;
+  const at::Tensor x = qkv.contiguous(), c = cos.reshape({rows, dim}).contiguous(), s = sin.reshape({rows, dim}).contiguous();
+  at::Tensor q = at::empty({rows, heads, dim}, at::kFloat), out = at::empty({rows, heads, dim}, at::kFloat);
+  with_cache_type(k_cache.scalar_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    T* kd = static_cast<T*>(k_cache.data_ptr());
+    T* vd = static_cast<T*>(v_cache.data_ptr());
+    write_rotated<T>(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), plan.slots.data_ptr<int64_t>(), rows,
+                     heads, plan.kv_heads, dim, static_cast<float>(scale), q.data_ptr<float>(), kd, vd);
+    if (!plan.tiles.empty()) lean_decode<T>(plan, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
+    prefill_attention<T>(plan, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
+  });
+  return out.view({rows, heads * dim});
+}
+
+}  // namespace leanserve

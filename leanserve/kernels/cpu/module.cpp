@@ -1,0 +1,120 @@
+// The native CPU kernels' Python module, built once per ISA level by leanserve/kernels/cpu_kernels.py
+// (the level follows from the compiler flags: simd.h).
+#include <torch/extension.h>
+
+#include "attention.h"
+#include "executor.h"
+#include "linear.h"
+#include "ops.h"
+#include "simd.h"
+
+namespace py = pybind11;
+using namespace leanserve;
+
+namespace {
+
+// q [B, H, D]; caches [num_blocks, block_size, Hkv, D]; block_tables [B, >= blocks] and context_lens [B]
+// int64 (each >= 1). Lean attention of each row over its whole context; returns [B, H, D] float32.
+at::Tensor checked_lean_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                 const at::Tensor& block_tables, const at::Tensor& context_lens, int64_t tile,
+                                 double scale) {
+  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_cache.size(2);
+  check_cache(k_cache, v_cache, kv_heads, dim);
+  TORCH_CHECK(q.dim() == 3 && heads % kv_heads == 0, "q must be [B, H, D] over the cache's heads");
+  const at::Tensor tables = block_tables.to(at::kLong).contiguous(), lens = context_lens.to(at::kLong).contiguous();
+  std::vector<int64_t> starts(batch), ones(batch, 1), contexts(lens.data_ptr<int64_t>(), lens.data_ptr<int64_t>() + batch);
+  std::vector<std::vector<int64_t>> rows;
+  for (int64_t b = 0; b < batch; ++b) {
+    starts[b] = b;
+    const int64_t* t = tables.data_ptr<int64_t>() + b * tables.size(1);
+    rows.emplace_back(t, t + tables.size(1));
+  }
+  StepPlan plan(starts, ones, contexts, rows, at::zeros({batch}, at::kLong), k_cache.size(1), heads, kv_heads, tile);
+  const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
+  at::Tensor out = at::empty({batch, heads, dim}, at::kFloat);
+  py::gil_scoped_release no_gil;
+  with_cache_type(k_cache.scalar_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    lean_decode<T>(plan, qf.data_ptr<float>(), static_cast<const T*>(k_cache.data_ptr()),
+                   static_cast<const T*>(v_cache.data_ptr()), dim, out.data_ptr<float>());
+  });
+  return out.to(q.scalar_type());
+}
+
+// q [T, H, D] float32 of the plan's rows; every key and value (the step's own too) already in the cache.
+// Causal attention of the plan's prefill segments: writes their rows of out [T, H, D].
+void checked_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan,
+                       double scale, at::Tensor out) {
+  check_cache(k_cache, v_cache, plan.kv_heads, q.size(2));
+  TORCH_CHECK(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat && out.is_contiguous() &&
+                  out.sizes() == q.sizes() && q.size(1) == plan.heads, "float32 q and out [T, H, D]");
+  const at::Tensor qf = (q * scale).contiguous();
+  py::gil_scoped_release no_gil;
+  with_cache_type(k_cache.scalar_type(), [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    prefill_attention<T>(plan, qf.data_ptr<float>(), static_cast<const T*>(k_cache.data_ptr()),
+                         static_cast<const T*>(v_cache.data_ptr()), q.size(2), out.data_ptr<float>());
+  });
+}
+
+at::Tensor checked_attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                                  const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan, double scale) {
+  check_cache(k_cache, v_cache, plan.kv_heads, k_cache.size(3));
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "float32 activations");
+  TORCH_CHECK(qkv.dim() == 2 && qkv.size(1) == (plan.heads + 2 * plan.kv_heads) * k_cache.size(3) &&
+                  plan.slots.size(0) == qkv.size(0), "qkv does not fit the plan and the cache's heads");
+  py::gil_scoped_release no_gil;
+  return attention_step(qkv, cos, sin, k_cache, v_cache, plan, scale);
+}
+
+at::Tensor checked_quant_linear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales_mins,
+                                int64_t group, int64_t out_features) {
+  py::gil_scoped_release no_gil;
+  return quant_linear(x, packed, scales_mins, group, out_features);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("ISA") = simd::kLevel;
+  m.attr("LANES") = simd::kLanes;
+  m.def("pack_int4", &pack_int4, "q uint8 [N, K] (0..15), scales, mins [N, K / G] -> (packed, scales_mins)");
+  m.def("pack_int8", &pack_int8, "w int8 [N, K], scales [N, K / G] -> (packed, scales_mins)");
+  m.def("quant_linear", &checked_quant_linear, "x [M, K] float32 times a packed weight -> [M, N]");
+  m.def("rms_norm", &leanserve::rms_norm);
+  m.def("add_rms_norm", [](at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
+    add_rms_norm(x, residual, weight, eps);
+  });
+  m.def("silu_mul", &leanserve::silu_mul);
+  m.def("lean_attention_decode", &checked_lean_decode);
+  m.def("prefill_attention", &checked_prefill_attention);
+  m.def("attention_step", &checked_attention_step);
+  py::class_<StepPlan>(m, "StepPlan", py::module_local())
+      .def(py::init<const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
+                    const std::vector<std::vector<int64_t>>&, at::Tensor, int64_t, int64_t, int64_t, int64_t>(),
+           py::arg("query_starts"), py::arg("query_lens"), py::arg("context_lens"), py::arg("block_tables"),
+           py::arg("slot_mapping"), py::arg("block_size"), py::arg("heads"), py::arg("kv_heads"), py::arg("tile"))
+      .def_property_readonly("num_tiles", [](const StepPlan& p) { return p.tiles.size(); })
+      .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); });
+  py::class_<Linear>(m, "Linear", py::module_local())
+      .def_static("quantized", &Linear::quantized, py::arg("packed"), py::arg("scales_mins"), py::arg("group"),
+                  py::arg("out_features"))
+      .def_static("dense", &Linear::from_dense, py::arg("weight"))
+      .def("__call__", &Linear::operator(), py::call_guard<py::gil_scoped_release>());
+  py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
+      .def(py::init([](at::Tensor input_norm, at::Tensor post_attention_norm, Linear qkv, Linear o, Linear gate_up,
+                       Linear down, at::Tensor k_cache, at::Tensor v_cache) {
+             return DecoderLayer{input_norm.contiguous(), post_attention_norm.contiguous(), qkv, o, gate_up, down,
+                                 k_cache, v_cache};
+           }),
+           py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
+           py::arg("down"), py::arg("k_cache"), py::arg("v_cache"));
+  py::class_<Executor>(m, "Executor", py::module_local())
+      .def(py::init<std::vector<DecoderLayer>, Linear, at::Tensor, int64_t, int64_t, int64_t, double, int64_t>(),
+           py::arg("layers"), py::arg("lm_head"), py::arg("final_norm"), py::arg("heads"), py::arg("kv_heads"),
+           py::arg("head_dim"), py::arg("eps"), py::arg("tile"))
+      .def("plan", &Executor::plan)
+      .def("forward", &Executor::forward, py::call_guard<py::gil_scoped_release>())
+      .def("logits", &Executor::logits, py::call_guard<py::gil_scoped_release>());
+}
