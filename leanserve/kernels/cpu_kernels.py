@@ -118,4 +118,5 @@ def describe() -> dict[str, str]:
     kernels = native_kernels()
     return {"cpu": cpu_model(), "cpu flags": " ".join(f for f in wanted if f in cpu_flags()) or "(none of note)",
             "runnable levels": " ".join(runnable_levels()),
-            "native kernels": kernels.ISA if kernels is not None else "none (torch fallback)"}
+            "native kernels": f"{kernels.ISA} (built in {Path(kernels.__file__).parent})" if kernels is not None
+            else "none (torch fallback)"}

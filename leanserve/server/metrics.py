@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
 disable_created_metrics()   # the *_created series only add noise (vLLM drops them too)
 
@@ -25,7 +25,7 @@ METRIC_NAMES = (
     "leanserve:time_to_first_token_seconds", "leanserve:inter_token_latency_seconds",
     "leanserve:e2e_request_latency_seconds", "leanserve:request_queue_time_seconds",
     "leanserve:request_prompt_tokens", "leanserve:request_generation_tokens", "leanserve:iteration_tokens_total",
-    "leanserve:http_requests_total",
+    "leanserve:http_requests_total", "leanserve:kernels_info",
 )
 
 
@@ -56,6 +56,11 @@ class _EngineCollector:
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], value)
             yield metric
+        if engine:
+            info = InfoMetricFamily("leanserve:kernels", "What runs each operation: the executor (native, with its "
+                                    "ISA level, or torch), the linears and attention.", labels=["model_name"])
+            info.add_metric([self.model_name], engine.kernels)
+            yield info
 
 
 class ServerMetrics:
