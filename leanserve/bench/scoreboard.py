@@ -26,6 +26,7 @@ import httpx
 
 from leanserve.bench.serve import plot, run_load, summarize
 from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
+from leanserve.kernels.cpu_kernels import cpu_model, runnable_levels
 
 PEERS = Path("../shared/peers")
 
@@ -84,9 +85,11 @@ def engine_commands(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
         start = subprocess.run([str(PEERS / "setup-vllm-cpu"), str(args.port)], check=True, capture_output=True,
                                text=True).stdout.strip().splitlines()[-1]
         commands["vllm"] = (start, 600)
+    serve = f"{shlex.quote(sys.executable)} -m leanserve.cli serve smollm2 --port {args.port} {args.leanserve_args}"
     if "leanserve" in args.engines:
-        commands["leanserve"] = (f"{shlex.quote(sys.executable)} -m leanserve.cli serve smollm2 "
-                                 f"--port {args.port} {args.leanserve_args}", 180)
+        commands["leanserve"] = (serve, 180)
+    if "leanserve-avx2" in args.engines:         # the AVX2 build, forced on a CPU that has better
+        commands["leanserve-avx2"] = (f"LEANSERVE_CPU_ISA=avx2 {serve}", 180)
     return commands
 
 
@@ -131,20 +134,23 @@ def transformers_one_at_a_time(args: argparse.Namespace) -> dict:
 
 
 def verdict(results: dict, workload: str) -> list[str]:
-    """LeanServe against the best peer on `workload`, as ratios (lines for the markdown)."""
-    ours = results.get("leanserve", {}).get(workload)
+    """Each LeanServe build against the best peer on `workload`, as ratios (lines for the markdown)."""
     peers = {e: r[workload] for e, r in results.items()
-             if e not in ("leanserve", "transformers") and workload in r and r[workload].get("completed")}
-    if not ours or not peers:
+             if not e.startswith("leanserve") and e != "transformers" and workload in r and r[workload].get("completed")}
+    if not peers:
         return []
     best = max(peers, key=lambda e: peers[e]["output_token_throughput"])
-    lines = [f"LeanServe against the peer with the most output tokens/s ({best}): "
-             f"{ours['output_token_throughput'] / peers[best]['output_token_throughput']:.2f}x the output tokens/s, "
-             f"TTFT p50 {ours['ttft_ms']['p50'] / peers[best]['ttft_ms']['p50']:.2f}x theirs."]
-    for stat in ("ttft_ms", "tpot_ms"):
-        lowest = min(p[stat]["p99"] for p in peers.values() if p[stat]["p99"] is not None)
-        lines.append(f"{stat[:4].upper()} p99: LeanServe {ours[stat]['p99']:.0f} ms, lowest peer {lowest:.0f} ms.")
-    return [" ".join(lines), ""]
+    out = []
+    for name in [e for e in results if e.startswith("leanserve") and workload in results[e]]:
+        ours = results[name][workload]
+        lines = [f"{name} against the peer with the most output tokens/s ({best}): "
+                 f"{ours['output_token_throughput'] / peers[best]['output_token_throughput']:.2f}x the output "
+                 f"tokens/s, TTFT p50 {ours['ttft_ms']['p50'] / peers[best]['ttft_ms']['p50']:.2f}x theirs."]
+        for stat in ("ttft_ms", "tpot_ms"):
+            lowest = min(p[stat]["p99"] for p in peers.values() if p[stat]["p99"] is not None)
+            lines.append(f"{stat[:4].upper()} p99: {name} {ours[stat]['p99']:.0f} ms, lowest peer {lowest:.0f} ms.")
+        out += [" ".join(lines), ""]
+    return out
 
 
 def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path: Path) -> None:
@@ -156,7 +162,8 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
 
     lines = ["# Benchmarks: LeanServe and its peers, side by side", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on one machine, one engine at a time: "
-             f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",
+             f"{cpu_model()} ({runnable_levels()[0]}: LeanServe's native kernels run that level; leanserve-avx2, "
+             f"where present, is its AVX2 build forced), {os.cpu_count()} cores, Python {platform.python_version()}.",
              f"Workload: `{args.workload}` (streamed chat, greedy, `ignore_eos`: every engine produces exactly "
              "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
              "the same weights dequantized to safetensors for vLLM).", ""]
@@ -202,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
     plots = out.parent / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     commands = engine_commands(args)
-    names = [e for e in ("llama-server", "vllm", "leanserve") if e in commands]
+    names = [e for e in ("llama-server", "vllm", "leanserve", "leanserve-avx2") if e in commands]
     runs: dict[str, dict[str, list]] = {name: {} for name in names}
     failed: dict[str, str] = {}
     rate = None
@@ -245,7 +252,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", nargs="+", default=["llama-server", "vllm", "leanserve", "transformers"],
-                        choices=["llama-server", "vllm", "leanserve", "transformers"])
+                        choices=["llama-server", "vllm", "leanserve", "leanserve-avx2", "transformers"],
+                        help="leanserve-avx2: LeanServe's AVX2 build forced (LEANSERVE_CPU_ISA=avx2)")
     parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
     parser.add_argument("--port", type=int, default=8092)
     parser.add_argument("--llama-slots", type=int, default=8, help="llama-server parallel slots")

@@ -8,10 +8,10 @@
 // which keeps about 16 bits of each block (error <= max|x| / 65024, against bfloat16's 8 bits).
 // The kernel computes W times that x exactly, up to float32 rounding: per block,
 //     sum_k W x = scale * s * (q.hi + q.lo / 256) + min * s * (sum hi + sum lo / 256),
-// the q.hi and q.lo dot products in int32 (simd::dot4: 4 multiply-adds a lane), the rest in float32.
+// the q.hi and q.lo dot products in int32 (simd::dot_int4, dot_int8), the rest in float32.
 //
 // Packed weight layout: tiles of kTile = simd::kLanes output rows; per tile and 32-k block, 8 byte
-// vectors (simd::Bytes) that hold the tile's rows x 4 consecutive k that dot4 multiplies with one
+// vectors (simd::Bytes) that hold the tile's rows x 4 consecutive k that the dots multiply with one
 // broadcast 4-byte group of x. int8: byte (v, i, j) = row i's q at k = 4v + j. int4: 4 vectors, that
 // byte holds k = 4v + j in its low nibble and k = 16 + 4v + j in its high one.
 #pragma once
@@ -29,7 +29,9 @@
 namespace leanserve {
 
 constexpr int64_t kTile = simd::kLanes, kBlock = 32, kRowChunk = 64;
-constexpr int kRowBlock = simd::kRegisters == 32 ? 4 : 2;     // activation rows a block's weights meet at once
+// Activation rows a block's weights meet at once, and how many of their hi and lo dot products are
+// interleaved: with 16 registers, interleaving spills; the core overlaps consecutive ones anyway.
+constexpr int kRowBlock = simd::kRegisters == 32 ? 4 : 2, kChains = simd::kRegisters == 32 ? 2 * kRowBlock : 1;
 
 // scales and mins [N, K / G] -> float16 [ceil(N / kTile), K / G, 2, kTile]: a tile's scales, then its
 // mins, per group. Padded rows are 0.
@@ -100,37 +102,27 @@ inline void quantize_rows(const float* x, int64_t rows, int64_t in_features, int
 }
 
 // One 32-k block of a tile (its 8 unpacked weight vectors in q) times R activation rows from `row`,
-// added to acc[row..] (written there for the first block). R rows give 2R independent dot chains,
-// which hides the instructions' latency; a lone row splits each dot product in two (even and odd
-// 4-k groups) for the same reason.
-template <int Bits, int R, bool First, int C = (R == 1 ? 2 : 1)>
+// added to acc[row..] (written there for the first block): the hi and lo parts of R rows are 2R
+// independent dot products, which hides the instructions' latency.
+template <int Bits, int R, bool First>
 inline void block_rows(const simd::Bytes* q, simd::Vec scale, simd::Vec min, const int8_t* xq, const float* xs,
                        int64_t row, int64_t b, int64_t blocks, simd::Vec* acc) {
-  simd::Ints dot_hi[R][C], dot_lo[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) dot_hi[r][c] = dot_lo[r][c] = simd::izero();
-  for (int v = 0; v < 8; ++v) {
-    for (int r = 0; r < R; ++r) {
-      const int8_t* xh = xq + ((row + r) * blocks + b) * 2 * kBlock + 4 * v;
-      int32_t h4, l4;
-      std::memcpy(&h4, xh, 4);
-      std::memcpy(&l4, xh + kBlock, 4);
-      if constexpr (Bits == 4) {
-        dot_hi[r][v % C] = simd::dot4(dot_hi[r][v % C], q[v], h4);
-        dot_lo[r][v % C] = simd::dot4(dot_lo[r][v % C], q[v], l4);
-      } else {
-        dot_hi[r][v % C] = simd::dot4_int8(dot_hi[r][v % C], q[v], h4);
-        dot_lo[r][v % C] = simd::dot4_int8(dot_lo[r][v % C], q[v], l4);
-      }
-    }
+  const int8_t* parts[2 * R];         // each row's hi and lo bytes
+  for (int r = 0; r < R; ++r) {
+    parts[2 * r] = xq + ((row + r) * blocks + b) * 2 * kBlock;
+    parts[2 * r + 1] = parts[2 * r] + kBlock;
+  }
+  simd::Ints dots[2 * R];
+  constexpr int chains = std::min(kChains, 2 * R);
+  for (int n = 0; n < 2 * R; n += chains) {
+    if constexpr (Bits == 4)
+      simd::dot_int4<chains>(q, parts + n, dots + n);
+    else
+      simd::dot_int8<chains>(q, parts + n, dots + n);
   }
   for (int r = 0; r < R; ++r) {
-    for (int c = 1; c < C; ++c) {
-      dot_hi[r][0] = simd::iadd(dot_hi[r][0], dot_hi[r][c]);
-      dot_lo[r][0] = simd::iadd(dot_lo[r][0], dot_lo[r][c]);
-    }
     const float* s = xs + ((row + r) * blocks + b) * 2;
-    const simd::Vec dot = simd::fmadd(simd::to_float(dot_lo[r][0]), simd::set1(1.f / 256.f), simd::to_float(dot_hi[r][0]));
+    const simd::Vec dot = simd::fmadd(simd::to_float(dots[2 * r + 1]), simd::set1(1.f / 256.f), simd::to_float(dots[2 * r]));
     const simd::Vec before = First ? simd::zero() : acc[row + r];
     acc[row + r] = simd::fmadd(simd::mul(scale, simd::set1(s[0])), dot, before);
     acc[row + r] = simd::fmadd(min, simd::set1(s[1]), acc[row + r]);

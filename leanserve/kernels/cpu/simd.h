@@ -6,13 +6,15 @@
 //
 //   Vec    kLanes floats           load/store from float, float16 and bfloat16 (stores round to
 //                                  nearest even, as torch's casts do), fmadd, max, reductions, exp
-//   Ints   kLanes int32 lanes      integer accumulators of dot4
-//   Bytes  4 kLanes bytes          4 bytes per int32 lane: the weights dot4 multiplies
+//   Ints   kLanes int32 lanes      integer dot products (dot_int4, dot_int8)
+//   Bytes  4 kLanes bytes          4 bytes per int32 lane: the weights the dots multiply
 //
-// dot4(acc, q, x4) adds to each int32 lane the dot product of its 4 bytes of q (unsigned, 0..15:
-// int4 weights) with the 4 signed bytes of x4; dot4_int8 does the same for int8 weights stored as
-// w + kInt8Offset (VNNI's vpdpbusd multiplies unsigned by signed bytes; without VNNI the weights
-// stay signed and pmaddubsw takes |w| times x with w's sign, which cannot saturate).
+// dot_int4<N>(q, x, out) gives each int32 lane (an output row) of out[n] the dot product of its 32
+// weights of a block, 4 in each of the 8 byte vectors q (unsigned, 0..15), with the 32 signed
+// activation bytes at x[n], for N activation vectors at once (N independent chains hide the
+// instructions' latency); dot_int8 does the same for int8 weights stored as w + kInt8Offset (VNNI's vpdpbusd multiplies
+// unsigned by signed bytes; without VNNI the weights stay signed and pmaddubsw takes |w| times x
+// with w's sign, which cannot saturate; int4 products are summed in 16 bits, which cannot either).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -107,24 +109,45 @@ inline Vec sum_lanes(const Vec* v) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
 }
 
-inline Ints izero() { return _mm512_setzero_si512(); }
 inline Bytes load_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
 inline Bytes low_nibbles(Bytes b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
 inline Bytes high_nibbles(Bytes b) { return _mm512_and_si512(_mm512_srli_epi16(b, 4), _mm512_set1_epi8(0x0F)); }
 inline Vec to_float(Ints a) { return _mm512_cvtepi32_ps(a); }
-inline Ints iadd(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
-#if defined(__AVX512VNNI__)
-inline Ints dot4(Ints acc, Bytes q, int32_t x4) { return _mm512_dpbusd_epi32(acc, q, _mm512_set1_epi32(x4)); }
-inline Ints dot4_int8(Ints acc, Bytes q, int32_t x4) { return dot4(acc, q, x4); }
-#else
-inline Ints dot4(Ints acc, Bytes q, int32_t x4) {
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(q, _mm512_set1_epi32(x4)), _mm512_set1_epi16(1)));
+inline Ints broadcast4(const int8_t* x) {
+  int32_t x4;
+  std::memcpy(&x4, x, 4);
+  return _mm512_set1_epi32(x4);
 }
-inline Ints dot4_int8(Ints acc, Bytes w, int32_t x4) {   // |w| . (x with w's sign); AVX-512 has no vpsignb
-  const __m512i x = _mm512_set1_epi32(x4);
-  const __m512i signed_x = _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(w), signed_x),
-                                                 _mm512_set1_epi16(1)));
+#if defined(__AVX512VNNI__)
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
+  for (int n = 0; n < N; ++n) out[n] = _mm512_setzero_si512();
+  for (int v = 0; v < 8; ++v)
+    for (int n = 0; n < N; ++n) out[n] = _mm512_dpbusd_epi32(out[n], q[v], broadcast4(x[n] + 4 * v));
+}
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_int4<N>(q, x, out); }
+#else
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {   // |sums| <= 8 * 2 * 15 * 127 < 2^15
+  __m512i sums[N];
+  for (int n = 0; n < N; ++n) sums[n] = _mm512_maddubs_epi16(q[0], broadcast4(x[n]));
+  for (int v = 1; v < 8; ++v)
+    for (int n = 0; n < N; ++n) sums[n] = _mm512_add_epi16(sums[n], _mm512_maddubs_epi16(q[v], broadcast4(x[n] + 4 * v)));
+  for (int n = 0; n < N; ++n) out[n] = _mm512_madd_epi16(sums[n], _mm512_set1_epi16(1));
+}
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {   // |w| . (x with w's sign); no vpsignb
+  for (int n = 0; n < N; ++n) out[n] = _mm512_setzero_si512();
+  for (int v = 0; v < 8; ++v) {
+    const __m512i w = _mm512_abs_epi8(q[v]);
+    const __mmask64 negative = _mm512_movepi8_mask(q[v]);
+    for (int n = 0; n < N; ++n) {
+      const __m512i b = broadcast4(x[n] + 4 * v);
+      const __m512i signed_x = _mm512_mask_sub_epi8(b, negative, _mm512_setzero_si512(), b);
+      out[n] = _mm512_add_epi32(out[n], _mm512_madd_epi16(_mm512_maddubs_epi16(w, signed_x), _mm512_set1_epi16(1)));
+    }
+  }
 }
 #endif
 
@@ -202,23 +225,43 @@ inline Vec sum_lanes(const Vec* v) {     // 8 horizontal sums: pairwise hadds, t
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-inline Ints izero() { return _mm256_setzero_si256(); }
 inline Bytes load_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline Bytes low_nibbles(Bytes b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
 inline Bytes high_nibbles(Bytes b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F)); }
 inline Vec to_float(Ints a) { return _mm256_cvtepi32_ps(a); }
-inline Ints iadd(Ints a, Ints b) { return _mm256_add_epi32(a, b); }
-#if defined(__AVXVNNI__)
-inline Ints dot4(Ints acc, Bytes q, int32_t x4) { return _mm256_dpbusd_avx_epi32(acc, q, _mm256_set1_epi32(x4)); }
-inline Ints dot4_int8(Ints acc, Bytes q, int32_t x4) { return dot4(acc, q, x4); }
-#else
-inline Ints dot4(Ints acc, Bytes q, int32_t x4) {
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(q, _mm256_set1_epi32(x4)), _mm256_set1_epi16(1)));
+inline Ints broadcast4(const int8_t* x) {
+  int32_t x4;
+  std::memcpy(&x4, x, 4);
+  return _mm256_set1_epi32(x4);
 }
-inline Ints dot4_int8(Ints acc, Bytes w, int32_t x4) {
-  const __m256i signed_x = _mm256_sign_epi8(_mm256_set1_epi32(x4), w);
-  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_abs_epi8(w), signed_x),
-                                                 _mm256_set1_epi16(1)));
+#if defined(__AVXVNNI__)
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
+  for (int n = 0; n < N; ++n) out[n] = _mm256_setzero_si256();
+  for (int v = 0; v < 8; ++v)
+    for (int n = 0; n < N; ++n) out[n] = _mm256_dpbusd_avx_epi32(out[n], q[v], broadcast4(x[n] + 4 * v));
+}
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_int4<N>(q, x, out); }
+#else
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {   // |sums| <= 8 * 2 * 15 * 127 < 2^15
+  __m256i sums[N];
+  for (int n = 0; n < N; ++n) sums[n] = _mm256_maddubs_epi16(q[0], broadcast4(x[n]));
+  for (int v = 1; v < 8; ++v)
+    for (int n = 0; n < N; ++n) sums[n] = _mm256_add_epi16(sums[n], _mm256_maddubs_epi16(q[v], broadcast4(x[n] + 4 * v)));
+  for (int n = 0; n < N; ++n) out[n] = _mm256_madd_epi16(sums[n], _mm256_set1_epi16(1));
+}
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {   // |w| . (x with w's sign)
+  for (int n = 0; n < N; ++n) out[n] = _mm256_setzero_si256();
+  for (int v = 0; v < 8; ++v) {
+    const __m256i w = _mm256_abs_epi8(q[v]);
+    for (int n = 0; n < N; ++n) {
+      const __m256i signed_x = _mm256_sign_epi8(broadcast4(x[n] + 4 * v), q[v]);
+      out[n] = _mm256_add_epi32(out[n], _mm256_madd_epi16(_mm256_maddubs_epi16(w, signed_x), _mm256_set1_epi16(1)));
+    }
+  }
 }
 #endif
 
@@ -277,7 +320,6 @@ inline float reduce_max(Vec a) {
 }
 inline Vec sum_lanes(const Vec* v) { return each([&](int i) { return reduce_add(v[i]); }); }
 
-inline Ints izero() { return Ints{}; }
 inline Bytes load_bytes(const uint8_t* p) {
   Bytes b;
   std::memcpy(b.v, p, sizeof(b.v));
@@ -292,20 +334,20 @@ inline Bytes high_nibbles(Bytes b) {
   return b;
 }
 inline Vec to_float(Ints a) { return each([&](int i) { return static_cast<float>(a.v[i]); }); }
-inline Ints iadd(Ints a, Ints b) {
-  for (int i = 0; i < kLanes; ++i) a.v[i] += b.v[i];
-  return a;
+template <typename W, int N>
+inline void dot_as(const Bytes* q, const int8_t* const* x, Ints* out) {
+  for (int n = 0; n < N; ++n) {
+    out[n] = Ints{};
+    for (int v = 0; v < 8; ++v)
+      for (int i = 0; i < kLanes; ++i)
+        for (int j = 0; j < 4; ++j)
+          out[n].v[i] += static_cast<int32_t>(static_cast<W>(q[v].v[4 * i + j])) * x[n][4 * v + j];
+  }
 }
-template <typename W>
-inline Ints dot4_as(Ints acc, const Bytes& q, int32_t x4) {
-  int8_t x[4];
-  std::memcpy(x, &x4, 4);
-  for (int i = 0; i < kLanes; ++i)
-    for (int j = 0; j < 4; ++j) acc.v[i] += static_cast<int32_t>(static_cast<W>(q.v[4 * i + j])) * x[j];
-  return acc;
-}
-inline Ints dot4(Ints acc, const Bytes& q, int32_t x4) { return dot4_as<uint8_t>(acc, q, x4); }
-inline Ints dot4_int8(Ints acc, const Bytes& q, int32_t x4) { return dot4_as<int8_t>(acc, q, x4); }
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) { dot_as<uint8_t, N>(q, x, out); }
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_as<int8_t, N>(q, x, out); }
 #endif
 
 // ---------------------------------------------------------------------------------- on every level
