@@ -48,10 +48,13 @@ def test_gguf_copy_of_tiny_model_generates_the_same(tiny_gguf_path, tiny_referen
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
 
 
-def test_chunked_prefill_small_blocks_and_preemption_keep_outputs(tiny_hf_dir, tiny_reference):
+@pytest.mark.parametrize("backend", ["auto", "torch"], ids=["native-executor", "torch-model"])
+def test_chunked_prefill_small_blocks_and_preemption_keep_outputs(tiny_hf_dir, tiny_reference, backend):
+    """On both executors: steps whose chunks sample no row, prompts cut across blocks of 4, preemptions."""
     prompts, expected = tiny_reference
     # 320 cache tokens hold the longest request alone, far from all ten at once.
-    llm = LLM(str(tiny_hf_dir), block_size=4, max_num_batched_tokens=40, kv_cache_tokens=320, max_num_seqs=6)
+    llm = LLM(str(tiny_hf_dir), block_size=4, max_num_batched_tokens=40, kv_cache_tokens=320, max_num_seqs=6,
+              attention_backend=backend)
     assert token_ids(llm.generate(prompts, GREEDY, use_tqdm=False)) == expected
     assert llm.engine.scheduler.num_preemptions > 0
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -24,7 +24,9 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     seed: int = 0
     device: str = "cpu"                    # "cuda" runs the model and cache on the GPU
-    attention_backend: str = "auto"        # "torch" (CPU), "triton" (GPU; interpreter on the CPU), "auto"
+    # "auto": the native executor where it runs, else the torch model (Triton attention on a GPU); "torch"
+    # or "triton": the torch model with that attention (the reference; Triton runs interpreted on the CPU)
+    attention_backend: str = "auto"
     quantization: str | None = None       # "int8", "int4", "llm_int8", "float"; None: the checkpoint's choice
     kv_cache_dtype: str = "auto"           # "float32", "float16", "bfloat16"; "auto": see kv_cache_torch_dtype
 

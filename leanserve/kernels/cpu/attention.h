@@ -27,7 +27,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -48,7 +47,7 @@ struct StepPlan {
   int64_t block_size, heads, kv_heads, tile;
   at::Tensor slots;                          // [T] int64: the cache slot of each new token
   std::vector<int64_t> tables;               // every sequence's block table, back to back
-  std::vector<int64_t> decode_rows, decode_lens;
+  std::vector<int64_t> decode_rows;
   std::vector<const int64_t*> decode_tables;
   std::vector<Tile> tiles;
   std::vector<int64_t> first_tile;           // [decode rows + 1]: each decode row's tiles
@@ -74,14 +73,14 @@ struct StepPlan {
     first_tile.push_back(0);
     for (size_t s = 0; s < n; ++s) {
       const int64_t context = context_lens[s], q_len = query_lens[s];
-      TORCH_CHECK(q_len >= 1 && context >= q_len &&
-                      static_cast<int64_t>(block_tables[s].size()) * block_size >= context,
+      TORCH_CHECK(q_len >= 1 && context >= q_len && query_starts[s] >= 0 && query_starts[s] + q_len <= slots.size(0),
+                  "a sequence's new tokens must be rows of the step");
+      TORCH_CHECK(static_cast<int64_t>(block_tables[s].size()) * block_size >= context,
                   "a sequence's block table must cover its context");
       const int64_t* table = tables.data() + offsets[s];
       if (q_len == 1) {
         const int64_t seq = static_cast<int64_t>(decode_rows.size());
         decode_rows.push_back(query_starts[s]);
-        decode_lens.push_back(context);
         decode_tables.push_back(table);
         for (int64_t start = 0; start < context; start += tile) tiles.push_back({seq, start, std::min(start + tile, context)});
         first_tile.push_back(static_cast<int64_t>(tiles.size()));
