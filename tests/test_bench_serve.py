@@ -53,7 +53,7 @@ def test_scoreboard_verdict_compares_with_the_best_peer() -> None:
                "transformers": {"one_at_a_time": {}}}
     text = verdict(results, "all_at_once")[0]
     assert "(vllm): 2.00x the output tokens/s, TTFT p50 0.25x" in text
-    assert "TTFT p99: LeanServe 16000 ms, lowest peer 60000 ms" in text and "TPOT p99: LeanServe 600 ms, lowest peer 300 ms" in text
+    assert "TTFT p99: leanserve 16000 ms, lowest peer 60000 ms" in text and "TPOT p99: leanserve 600 ms, lowest peer 300 ms" in text
     assert verdict(results, "poisson") == []
 
 
