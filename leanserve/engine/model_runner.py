@@ -51,17 +51,22 @@ class ModelRunner:
             if self.device.type == "cuda":
                 use_triton_kernels()
         self.model.to(self.device).eval()
-        # Zeroed so a masked tail of a tile never multiplies stale garbage (0 * nan).
         shape = (config.num_hidden_layers, num_blocks, block_size, config.num_key_value_heads, config.head_dim)
         kv_cache_dtype = kv_cache_dtype or dtype
-        self.k_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=kv_cache_dtype, device=self.device)
+        self.k_cache = torch.empty(shape, dtype=kv_cache_dtype, device=self.device)
+        self.v_cache = torch.empty(shape, dtype=kv_cache_dtype, device=self.device)
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
         native = (NativeExecutor.build(self.model, native_kernels()) if attention_backend == "auto"
                   else f"attention_backend={attention_backend!r}")
         self.executor: Executor = native if isinstance(native, NativeExecutor) else TorchExecutor(self.model, backend, native)
+        if isinstance(self.executor, TorchExecutor):
+            # The torch backend's tiles read whole blocks, masked: zeros, so that no stale garbage meets a
+            # zero weight (0 * nan). The native kernels read only written slots, so the pages of a cache
+            # they use stay untouched (and unallocated) until its blocks fill.
+            self.k_cache.zero_()
+            self.v_cache.zero_()
 
     def prepare(self, batch: ScheduledBatch):
         """Flat inputs for the batch: token ids, positions, attention metadata, the rows whose logits are
