@@ -8,7 +8,7 @@ import torch
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
 
 
-def reference(q, keys, values):
+def attention_reference(q, keys, values):
     """q [n, H, D] are the last n of m positions; plain softmax attention in float64."""
     n, num_heads, d = q.shape
     m, num_kv = keys.shape[:2]
@@ -55,7 +55,7 @@ def test_mixed_batch_matches_reference(block_size, num_kv, group, tile, cache_dt
     backend.prepare(md)
     out = backend.forward(torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts), k_cache, v_cache, md)
     for i, (q, fk, fv) in enumerate(zip(q_parts, full_k, full_v)):
-        expected = reference(q, fk, fv)
+        expected = attention_reference(q, fk, fv)
         got = out[starts[i]:starts[i] + q.shape[0]].double()
         assert (got - expected).abs().max() / expected.abs().max() < tolerance, f"sequence {i} {shapes[i]}"
     # Every new token's keys and values landed in its own slot.

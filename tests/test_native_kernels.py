@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import LEVELS
+from tests.test_attention import attention_reference
 
 QUANT_FORMATS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", 64), ("int8", 256)]
 
@@ -16,19 +17,6 @@ QUANT_FORMATS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8
 @pytest.fixture(params=LEVELS)
 def kernels(request, native_kernels_of):
     return native_kernels_of(request.param)
-
-
-def attention_reference(q, keys, values):
-    """q [n, H, D] are the last n of m positions; plain softmax attention in float64 (q unscaled)."""
-    n, num_heads, d = q.shape
-    m, num_kv = keys.shape[:2]
-    group = num_heads // num_kv
-    k = keys.double().repeat_interleave(group, dim=1)
-    v = values.double().repeat_interleave(group, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q.double(), k) / math.sqrt(d)
-    visible = torch.arange(m)[None, :] <= torch.arange(m - n, m)[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v)
 
 
 class PagedBatch:

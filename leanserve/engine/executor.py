@@ -19,6 +19,7 @@ from torch import nn
 
 from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.kernels.attention import AttentionBackend, AttentionMetadata, forward_context
+from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import Int4Linear, Int8Linear, QuantLinear, unpack_int4
 
 log = logging.getLogger("leanserve.engine")
@@ -86,12 +87,13 @@ class NativeExecutor:
                                        cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, tile_size)
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, kernels, tile_size: int = 128) -> NativeExecutor | str:
+    def build(cls, model: LlamaForCausalLM, tile_size: int = 128) -> NativeExecutor | str:
         """The executor for `model` (its caches set), or a string saying why there is none."""
-        if kernels is None:
-            return "no native CPU kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler)"
         if model.embed_tokens.weight.device.type != "cpu" or model.embed_tokens.weight.dtype != torch.float32:
             return "the native executor runs float32 activations on the CPU"
+        kernels = native_kernels()
+        if kernels is None:
+            return "no native CPU kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler)"
         if model.config.head_dim % 16:
             return f"head_dim {model.config.head_dim} is not a multiple of 16"
         layers = []

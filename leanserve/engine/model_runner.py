@@ -9,7 +9,6 @@ from leanserve.engine.config import ModelConfig
 from leanserve.engine.executor import Executor, NativeExecutor, TorchExecutor
 from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
-from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import use_triton_kernels
 from leanserve.scheduler.request import Request
 from leanserve.scheduler.scheduler import ScheduledBatch
@@ -58,7 +57,7 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
-        native = (NativeExecutor.build(self.model, native_kernels()) if attention_backend == "auto"
+        native = (NativeExecutor.build(self.model) if attention_backend == "auto"
                   else f"attention_backend={attention_backend!r}")
         self.executor: Executor = native if isinstance(native, NativeExecutor) else TorchExecutor(self.model, backend, native)
         if isinstance(self.executor, TorchExecutor):

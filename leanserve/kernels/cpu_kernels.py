@@ -75,12 +75,31 @@ def selected_level() -> str:
     return forced
 
 
+STALE_LOCK_SECONDS = 600      # a build takes under a minute: an older lock was left by a killed one
+
+
+def _remove_stale_lock(name: str) -> None:
+    """torch's builder waits for as long as a lock file stands in the build directory; a build that was
+    killed halfway leaves one behind."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except OSError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
+        lock.unlink(missing_ok=True)
+
+
 def build(level: str):
     """Compile (or find compiled) and import the module of one level; raises where that fails."""
     from torch.utils.cpp_extension import load
 
     flags, _ = LEVELS[level]
     start = time.perf_counter()
+    _remove_stale_lock(f"leanserve_cpu_{level}")
     module = load(name=f"leanserve_cpu_{level}", sources=[str(SOURCE_DIR / "module.cpp")],
                   extra_include_paths=[str(SOURCE_DIR)], extra_cflags=["-O3", "-fopenmp", "-fvisibility=hidden", *flags],
                   extra_ldflags=["-fopenmp"])

@@ -12,9 +12,10 @@
 // dot_int4<N>(q, x, out) gives each int32 lane (an output row) of out[n] the dot product of its 32
 // weights of a block, 4 in each of the 8 byte vectors q (unsigned, 0..15), with the 32 signed
 // activation bytes at x[n], for N activation vectors at once (N independent chains hide the
-// instructions' latency); dot_int8 does the same for int8 weights stored as w + kInt8Offset (VNNI's vpdpbusd multiplies
-// unsigned by signed bytes; without VNNI the weights stay signed and pmaddubsw takes |w| times x
-// with w's sign, which cannot saturate; int4 products are summed in 16 bits, which cannot either).
+// instructions' latency); dot_int8 does the same for int8 weights stored as w + kInt8Offset. Each
+// level supplies the integer primitives: vpdpbusd (unsigned times signed bytes, 4 a lane, into
+// int32) where it has VNNI, and in portable C++; otherwise pmaddubsw and pmaddwd, where the int8
+// weights stay signed and are multiplied as |w| times x with w's signs, which cannot saturate.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -118,38 +119,21 @@ inline Ints broadcast4(const int8_t* x) {
   std::memcpy(&x4, x, 4);
   return _mm512_set1_epi32(x4);
 }
+inline Ints add32(Ints a, Ints b) { return _mm512_add_epi32(a, b); }
 #if defined(__AVX512VNNI__)
-template <int N>
-inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
-  for (int n = 0; n < N; ++n) out[n] = _mm512_setzero_si512();
-  for (int v = 0; v < 8; ++v)
-    for (int n = 0; n < N; ++n) out[n] = _mm512_dpbusd_epi32(out[n], q[v], broadcast4(x[n] + 4 * v));
-}
-template <int N>
-inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_int4<N>(q, x, out); }
+constexpr bool kVnni = true;
+inline Ints dpbusd(Ints acc, Bytes u, Ints s) { return _mm512_dpbusd_epi32(acc, u, s); }
 #else
-template <int N>
-inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {   // |sums| <= 8 * 2 * 15 * 127 < 2^15
-  __m512i sums[N];
-  for (int n = 0; n < N; ++n) sums[n] = _mm512_maddubs_epi16(q[0], broadcast4(x[n]));
-  for (int v = 1; v < 8; ++v)
-    for (int n = 0; n < N; ++n) sums[n] = _mm512_add_epi16(sums[n], _mm512_maddubs_epi16(q[v], broadcast4(x[n] + 4 * v)));
-  for (int n = 0; n < N; ++n) out[n] = _mm512_madd_epi16(sums[n], _mm512_set1_epi16(1));
-}
-template <int N>
-inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {   // |w| . (x with w's sign); no vpsignb
-  for (int n = 0; n < N; ++n) out[n] = _mm512_setzero_si512();
-  for (int v = 0; v < 8; ++v) {
-    const __m512i w = _mm512_abs_epi8(q[v]);
-    const __mmask64 negative = _mm512_movepi8_mask(q[v]);
-    for (int n = 0; n < N; ++n) {
-      const __m512i b = broadcast4(x[n] + 4 * v);
-      const __m512i signed_x = _mm512_mask_sub_epi8(b, negative, _mm512_setzero_si512(), b);
-      out[n] = _mm512_add_epi32(out[n], _mm512_madd_epi16(_mm512_maddubs_epi16(w, signed_x), _mm512_set1_epi16(1)));
-    }
-  }
-}
+constexpr bool kVnni = false;
+inline Ints dpbusd(Ints acc, Bytes u, Ints s);     // VNNI builds only
 #endif
+inline Ints maddubs(Bytes u, Ints s) { return _mm512_maddubs_epi16(u, s); }
+inline Ints add16(Ints a, Ints b) { return _mm512_add_epi16(a, b); }
+inline Ints madd_ones(Ints a) { return _mm512_madd_epi16(a, _mm512_set1_epi16(1)); }
+inline Bytes abs8(Bytes w) { return _mm512_abs_epi8(w); }
+inline Ints sign8(Ints x, Bytes w) {    // x with w's signs (0 where w is 0 does not matter: |w| is 0); no vpsignb
+  return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+}
 
 #elif defined(LEANSERVE_SIMD_AVX2)
 // ------------------------------------------------------------------------------------- AVX2 + FMA
@@ -234,42 +218,25 @@ inline Ints broadcast4(const int8_t* x) {
   std::memcpy(&x4, x, 4);
   return _mm256_set1_epi32(x4);
 }
+inline Ints add32(Ints a, Ints b) { return _mm256_add_epi32(a, b); }
 #if defined(__AVXVNNI__)
-template <int N>
-inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
-  for (int n = 0; n < N; ++n) out[n] = _mm256_setzero_si256();
-  for (int v = 0; v < 8; ++v)
-    for (int n = 0; n < N; ++n) out[n] = _mm256_dpbusd_avx_epi32(out[n], q[v], broadcast4(x[n] + 4 * v));
-}
-template <int N>
-inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_int4<N>(q, x, out); }
+constexpr bool kVnni = true;
+inline Ints dpbusd(Ints acc, Bytes u, Ints s) { return _mm256_dpbusd_avx_epi32(acc, u, s); }
 #else
-template <int N>
-inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {   // |sums| <= 8 * 2 * 15 * 127 < 2^15
-  __m256i sums[N];
-  for (int n = 0; n < N; ++n) sums[n] = _mm256_maddubs_epi16(q[0], broadcast4(x[n]));
-  for (int v = 1; v < 8; ++v)
-    for (int n = 0; n < N; ++n) sums[n] = _mm256_add_epi16(sums[n], _mm256_maddubs_epi16(q[v], broadcast4(x[n] + 4 * v)));
-  for (int n = 0; n < N; ++n) out[n] = _mm256_madd_epi16(sums[n], _mm256_set1_epi16(1));
-}
-template <int N>
-inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {   // |w| . (x with w's sign)
-  for (int n = 0; n < N; ++n) out[n] = _mm256_setzero_si256();
-  for (int v = 0; v < 8; ++v) {
-    const __m256i w = _mm256_abs_epi8(q[v]);
-    for (int n = 0; n < N; ++n) {
-      const __m256i signed_x = _mm256_sign_epi8(broadcast4(x[n] + 4 * v), q[v]);
-      out[n] = _mm256_add_epi32(out[n], _mm256_madd_epi16(_mm256_maddubs_epi16(w, signed_x), _mm256_set1_epi16(1)));
-    }
-  }
-}
+constexpr bool kVnni = false;
+inline Ints dpbusd(Ints acc, Bytes u, Ints s);     // VNNI builds only
 #endif
+inline Ints maddubs(Bytes u, Ints s) { return _mm256_maddubs_epi16(u, s); }
+inline Ints add16(Ints a, Ints b) { return _mm256_add_epi16(a, b); }
+inline Ints madd_ones(Ints a) { return _mm256_madd_epi16(a, _mm256_set1_epi16(1)); }
+inline Bytes abs8(Bytes w) { return _mm256_abs_epi8(w); }
+inline Ints sign8(Ints x, Bytes w) { return _mm256_sign_epi8(x, w); }
 
 #else
 // --------------------------------------------------------------------------------------- portable
 
 constexpr const char* kLevel = "portable";
-constexpr int kInt8Offset = 0;
+constexpr int kInt8Offset = 128;
 constexpr int kLanes = 8, kRegisters = 16;
 struct Vec { float v[kLanes]; };
 struct Ints { int32_t v[kLanes]; };
@@ -334,23 +301,53 @@ inline Bytes high_nibbles(Bytes b) {
   return b;
 }
 inline Vec to_float(Ints a) { return each([&](int i) { return static_cast<float>(a.v[i]); }); }
-template <typename W, int N>
-inline void dot_as(const Bytes* q, const int8_t* const* x, Ints* out) {
-  for (int n = 0; n < N; ++n) {
-    out[n] = Ints{};
-    for (int v = 0; v < 8; ++v)
-      for (int i = 0; i < kLanes; ++i)
-        for (int j = 0; j < 4; ++j)
-          out[n].v[i] += static_cast<int32_t>(static_cast<W>(q[v].v[4 * i + j])) * x[n][4 * v + j];
-  }
+struct Bytes4 { int32_t v[4]; };             // a 4-byte group of x, as every lane meets it
+inline Bytes4 broadcast4(const int8_t* x) { return {{x[0], x[1], x[2], x[3]}}; }
+constexpr bool kVnni = true;                  // vpdpbusd's arithmetic, in plain C++
+inline Ints dpbusd(Ints acc, const Bytes& u, const Bytes4& s) {
+  for (int i = 0; i < kLanes; ++i)
+    acc.v[i] += u.v[4 * i] * s.v[0] + u.v[4 * i + 1] * s.v[1] + u.v[4 * i + 2] * s.v[2] + u.v[4 * i + 3] * s.v[3];
+  return acc;
 }
-template <int N>
-inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) { dot_as<uint8_t, N>(q, x, out); }
-template <int N>
-inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) { dot_as<int8_t, N>(q, x, out); }
+// The pmaddubsw route is for vector levels without VNNI only.
+Ints add32(Ints, Ints);
+Ints maddubs(Bytes, Bytes4);
+Ints add16(Ints, Ints);
+Ints madd_ones(Ints);
+Bytes abs8(Bytes);
+Bytes4 sign8(Bytes4, Bytes);
 #endif
 
 // ---------------------------------------------------------------------------------- on every level
+
+// The block dot products (see the top): vpdpbusd chains where the level has it; otherwise pmaddubsw,
+// int4 products summed in 16 bits before widening, int8 as |w| times x with w's signs.
+template <int N>
+inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
+  if constexpr (kVnni) {
+    for (int n = 0; n < N; ++n) out[n] = Ints{};
+    for (int v = 0; v < 8; ++v)
+      for (int n = 0; n < N; ++n) out[n] = dpbusd(out[n], q[v], broadcast4(x[n] + 4 * v));
+  } else {                                    // |sums| <= 8 * 2 * 15 * 127 < 2^15
+    Ints sums[N];
+    for (int n = 0; n < N; ++n) sums[n] = maddubs(q[0], broadcast4(x[n]));
+    for (int v = 1; v < 8; ++v)
+      for (int n = 0; n < N; ++n) sums[n] = add16(sums[n], maddubs(q[v], broadcast4(x[n] + 4 * v)));
+    for (int n = 0; n < N; ++n) out[n] = madd_ones(sums[n]);
+  }
+}
+template <int N>
+inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {
+  if constexpr (kVnni) {
+    dot_int4<N>(q, x, out);                   // the same vpdpbusd on w + 128
+  } else {
+    for (int n = 0; n < N; ++n) out[n] = Ints{};
+    for (int v = 0; v < 8; ++v) {
+      const Bytes w = abs8(q[v]);
+      for (int n = 0; n < N; ++n) out[n] = add32(out[n], madd_ones(maddubs(w, sign8(broadcast4(x[n] + 4 * v), q[v]))));
+    }
+  }
+}
 
 inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 3); }
 
