@@ -86,6 +86,21 @@ def test_int8_round_trip_error_is_at_most_half_a_step() -> None:
         assert module.weight.abs().max() == 127       # absmax maps onto the largest code
 
 
+def test_linears_the_native_executor_cannot_take_say_why(tiny_hf_dir: Path) -> None:
+    """Group-wise int8 in groups of 25 (not a multiple of the kernels' 32), scales that are not float16 values,
+    and LLM.int8: the executor names the reason, and a model with such linears runs on the torch model."""
+    kernels = native_kernels()
+    if kernels is None:
+        pytest.skip("no native kernels here")
+    w = torch.randint(-127, 128, (16, 100), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    assert "groups of 25" in native_linear(Int8Linear(w, torch.rand(16, 4).half()), kernels)
+    assert "not float16" in native_linear(Int8Linear(w[:, :64], torch.rand(16, 2) / 3), kernels)
+    assert "has no native kernel" in native_linear(LLMInt8Linear.from_float(weights()), kernels)
+    llm = LLM(str(tiny_hf_dir), quantization="llm_int8", kv_cache_tokens=1024)
+    assert llm.engine.kernels["executor"].startswith("torch (LLMInt8Linear")
+    assert len(llm.generate([PROMPTS[0]], GREEDY, use_tqdm=False)[0].outputs[0].token_ids) == 8
+
+
 def test_int4_round_trip_error_is_at_most_half_a_step() -> None:
     w = weights()
     module = Int4Linear.from_float(w, group_size=64)

@@ -11,7 +11,6 @@ compiler, a GPU, bfloat16 activations, LLM.int8 linears).
 """
 from __future__ import annotations
 
-import logging
 from typing import Protocol
 
 import torch
@@ -21,8 +20,6 @@ from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.kernels.attention import AttentionBackend, AttentionMetadata, forward_context
 from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import Int4Linear, Int8Linear, QuantLinear, unpack_int4
-
-log = logging.getLogger("leanserve.engine")
 
 
 class Executor(Protocol):
@@ -50,10 +47,11 @@ class TorchExecutor:
         return self.model.compute_logits(hidden)
 
     def describe(self) -> dict[str, str]:
-        linears = sorted({getattr(m, "format", "float") for m in self.model.modules() if isinstance(m, nn.Linear | QuantLinear)})
-        return {"executor": f"torch ({self.reason})", "linear": "torch: " + ", ".join(
-                    f"{f} (dequantized to {self.model.embed_tokens.weight.dtype})" if f in ("int4", "int8") else f
-                    for f in linears),
+        formats = sorted({getattr(m, "format", "float") for m in self.model.modules()
+                          if isinstance(m, nn.Linear | QuantLinear)})
+        dtype = str(self.model.embed_tokens.weight.dtype).removeprefix("torch.")
+        linear = ", ".join(f"{f} (dequantized to {dtype})" if f in ("int4", "int8") else f for f in formats)
+        return {"executor": f"torch ({self.reason})", "linear": f"torch: {linear}",
                 "attention": type(self.backend).__name__}
 
 
@@ -119,5 +117,6 @@ class NativeExecutor:
 
     def describe(self) -> dict[str, str]:
         isa = self.kernels.ISA
-        return {"executor": f"native ({isa})", "linear": f"native {isa}: int4/int8 blocks as stored, 16-bit activations",
+        return {"executor": f"native ({isa})",
+                "linear": f"native {isa}: int4/int8 blocks as stored, 16-bit activations",
                 "attention": f"native {isa}: lean attention (decode), flash attention (prefill) on the paged cache"}

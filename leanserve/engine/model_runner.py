@@ -59,7 +59,8 @@ class ModelRunner:
             layer.self_attn.v_cache = self.v_cache[i]
         native = (NativeExecutor.build(self.model) if attention_backend == "auto"
                   else f"attention_backend={attention_backend!r}")
-        self.executor: Executor = native if isinstance(native, NativeExecutor) else TorchExecutor(self.model, backend, native)
+        self.executor: Executor = (native if isinstance(native, NativeExecutor)
+                                   else TorchExecutor(self.model, backend, native))
         if isinstance(self.executor, TorchExecutor):
             # The torch backend's tiles read whole blocks, masked: zeros, so that no stale garbage meets a
             # zero weight (0 * nan). The native kernels read only written slots, so the pages of a cache

@@ -162,7 +162,8 @@ class TorchAttentionBackend:
             out[md.decode.rows] = self._decode(q[md.decode.rows], k_cache, v_cache, md.decode)
         return out
 
-    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tiles: DecodeTiles) -> torch.Tensor:
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                tiles: DecodeTiles) -> torch.Tensor:
         """q [B, H, D], one token per sequence; returns [B, H, D]."""
         batch, num_heads, head_dim = q.shape
         num_tiles, blocks_per_tile = tiles.tile_blocks.shape

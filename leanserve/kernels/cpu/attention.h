@@ -82,7 +82,8 @@ struct StepPlan {
         const int64_t seq = static_cast<int64_t>(decode_rows.size());
         decode_rows.push_back(query_starts[s]);
         decode_tables.push_back(table);
-        for (int64_t start = 0; start < context; start += tile) tiles.push_back({seq, start, std::min(start + tile, context)});
+        for (int64_t start = 0; start < context; start += tile)
+          tiles.push_back({seq, start, std::min(start + tile, context)});
         first_tile.push_back(static_cast<int64_t>(tiles.size()));
         continue;
       }
