@@ -24,8 +24,6 @@ _AVX2 = ("avx2", "fma", "f16c")
 _AVX512 = _AVX2 + ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 # level -> (compiler flags, /proc/cpuinfo flags it needs), best first.
 LEVELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "avx512_amx": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                    "-mavx512vnni", "-mamx-tile", "-mamx-int8"), _AVX512 + ("avx512_vnni", "amx_tile", "amx_int8")),
     "avx512_vnni": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                      "-mavx512vnni"), _AVX512 + ("avx512_vnni",)),
     "avx512": (("-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"), _AVX512),
@@ -136,7 +134,7 @@ def _load(level: str):
 def describe() -> dict[str, str]:
     """What `leanserve env` and the server's load log say about the native kernels."""
     wanted = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-              "amx_tile", "amx_int8", "asimd", "sve")
+              "asimd", "sve")
     kernels = native_kernels()
     return {"cpu": cpu_model(), "cpu flags": " ".join(f for f in wanted if f in cpu_flags()) or "(none of note)",
             "runnable levels": " ".join(runnable_levels()),

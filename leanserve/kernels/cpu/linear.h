@@ -21,30 +21,14 @@
 
 #include <algorithm>
 #include <cstring>
-#include <optional>
 #include <type_traits>
 #include <vector>
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #include "simd.h"
 
 namespace leanserve {
 
 constexpr int64_t kTile = simd::kLanes, kBlock = 32, kRowChunk = 64;
-
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__)
-#define LEANSERVE_AMX 1
-// Whether this process may use AMX's tile registers: Linux grants them on request (arch_prctl).
-inline bool amx_enabled() {
-  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
-  return granted;
-}
-#else
-inline bool amx_enabled() { return false; }
-#endif
 // Activation rows a block's weights meet at once, and how many of their hi and lo dot products are
 // interleaved: with 16 registers, interleaving spills; the core overlaps consecutive ones anyway.
 constexpr int kRowBlock = simd::kRegisters == 32 ? 4 : 2, kChains = simd::kRegisters == 32 ? 2 * kRowBlock : 1;
@@ -117,19 +101,9 @@ inline void quantize_rows(const float* x, int64_t rows, int64_t in_features, int
   });
 }
 
-// acc[row] (+)= scale s (hi + lo / 256) + min s1: a row's block of dot products (hi, lo: its two
-// activation parts' integer dot products as floats) scaled into its accumulator, written for the first block.
-template <bool First>
-inline void accumulate(simd::Vec* acc, int64_t row, simd::Vec scale, simd::Vec min, const float* s, simd::Vec hi,
-                       simd::Vec lo) {
-  const simd::Vec dot = simd::fmadd(lo, simd::set1(1.f / 256.f), hi);
-  const simd::Vec before = First ? simd::zero() : acc[row];
-  acc[row] = simd::fmadd(min, simd::set1(s[1]), simd::fmadd(simd::mul(scale, simd::set1(s[0])), dot, before));
-}
-
 // One 32-k block of a tile (its 8 unpacked weight vectors in q) times R activation rows from `row`,
-// into acc[row..]: the hi and lo parts of R rows are 2R independent dot products, which hides the
-// instructions' latency.
+// added to acc[row..] (written there for the first block): the hi and lo parts of R rows are 2R
+// independent dot products, which hides the instructions' latency.
 template <int Bits, int R, bool First>
 inline void block_rows(const simd::Bytes* q, simd::Vec scale, simd::Vec min, const int8_t* xq, const float* xs,
                        int64_t row, int64_t b, int64_t blocks, simd::Vec* acc) {
@@ -146,74 +120,21 @@ inline void block_rows(const simd::Bytes* q, simd::Vec scale, simd::Vec min, con
     else
       simd::dot_int8<chains>(q, parts + n, dots + n);
   }
-  for (int r = 0; r < R; ++r)
-    accumulate<First>(acc, row + r, scale, min, xs + ((row + r) * blocks + b) * 2, simd::to_float(dots[2 * r]),
-                      simd::to_float(dots[2 * r + 1]));
-}
-
-#if defined(LEANSERVE_AMX)
-// AMX (Sapphire Rapids and later): the same block products for 16 activation rows at a time as tile
-// multiplies. A = the rows' hi (then lo) parts as unsigned bytes (x + 128, xa), B = the tile's 8 weight
-// vectors as signed bytes (int4's nibbles; int8's w = q - 128), C = 16 rows x kTile int32; the offset
-// comes off as 128 times the weights' block sums. Tiles: 0, 1 C hi and lo; 2, 3 A hi and lo; 4 B.
-struct AmxTiles {
-  struct Config { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; };
-  AmxTiles() {
-    Config config{};
-    config.palette = 1;
-    for (int i = 0; i < 4; ++i) config.rows[i] = 16, config.colsb[i] = i < 2 ? 64 : 32;
-    config.rows[4] = 8, config.colsb[4] = 64;
-    _tile_loadconfig(&config);
-  }
-  ~AmxTiles() { _tile_release(); }
-};
-
-// Rows [0, 16 * chunks) of block b (weights q) into acc.
-template <int Bits>
-inline void block_rows_amx(const simd::Bytes* q, simd::Vec scale, simd::Vec min, const uint8_t* xa, const float* xs,
-                           int64_t chunks, int64_t b, int64_t blocks, simd::Vec* acc) {
-  alignas(64) int8_t weights[8 * 64];
-  alignas(64) int32_t c[2][16][16];
-  __m512i sums = _mm512_setzero_si512();
-  for (int v = 0; v < 8; ++v) {
-    const __m512i w = Bits == 8 ? _mm512_xor_si512(q[v], _mm512_set1_epi8(-128)) : q[v];
-    _mm512_store_si512(weights + 64 * v, w);
-    sums = _mm512_dpbusd_epi32(sums, _mm512_set1_epi8(1), w);
-  }
-  _tile_loadd(4, weights, 64);
-  const simd::Vec offset = simd::mul(simd::to_float(sums), simd::set1(128.f));
-  if constexpr (Bits == 8) min = simd::zero();       // the products are w.x already, not (w + 128).x
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const uint8_t* a = xa + (16 * chunk * blocks + b) * 2 * kBlock;
-    _tile_zero(0);
-    _tile_zero(1);
-    _tile_loadd(2, a, blocks * 2 * kBlock);
-    _tile_loadd(3, a + kBlock, blocks * 2 * kBlock);
-    _tile_dpbusd(0, 2, 4);
-    _tile_dpbusd(1, 3, 4);
-    _tile_stored(0, c[0], 64);
-    _tile_stored(1, c[1], 64);
-    for (int64_t r = 0, row = 16 * chunk; r < 16; ++r, ++row) {
-      const simd::Vec hi = simd::sub(simd::to_float(_mm512_load_si512(c[0][r])), offset);
-      const simd::Vec lo = simd::sub(simd::to_float(_mm512_load_si512(c[1][r])), offset);
-      if (b == 0)
-        accumulate<true>(acc, row, scale, min, xs + (row * blocks + b) * 2, hi, lo);
-      else
-        accumulate<false>(acc, row, scale, min, xs + (row * blocks + b) * 2, hi, lo);
-    }
+  for (int r = 0; r < R; ++r) {
+    const float* s = xs + ((row + r) * blocks + b) * 2;
+    const simd::Vec dot = simd::fmadd(simd::to_float(dots[2 * r + 1]), simd::set1(1.f / 256.f), simd::to_float(dots[2 * r]));
+    const simd::Vec before = First ? simd::zero() : acc[row + r];
+    acc[row + r] = simd::fmadd(simd::mul(scale, simd::set1(s[0])), dot, before);
+    acc[row + r] = simd::fmadd(min, simd::set1(s[1]), acc[row + r]);
   }
 }
-#endif
 
-// Tile t times `rows` (at most kRowChunk) rows of quantized activations (xq, xs; xa: xq + 128 as
-// unsigned bytes where AMX multiplies), into y [rows, N].
+// Tile t times `rows` (at most kRowChunk) rows of quantized activations (xq, xs), into y [rows, N].
 template <int Bits>
 inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const c10::Half* scales_mins, const int8_t* xq,
-                      const uint8_t* xa, const float* xs, int64_t in_features, int64_t group, int64_t out_features,
-                      float* y) {
+                      const float* xs, int64_t in_features, int64_t group, int64_t out_features, float* y) {
   const int64_t blocks = in_features / kBlock, groups = in_features / group;
   constexpr int64_t bytes = kBlock * kTile * Bits / 8, vector = 4 * kTile;
-  const int64_t amx_chunks = xa != nullptr ? rows / 16 : 0;
   simd::Vec acc[kRowChunk];
   for (int64_t b = 0; b < blocks; ++b) {
     const uint8_t* w = packed + (t * blocks + b) * bytes;
@@ -230,12 +151,9 @@ inline void tile_rows(int64_t t, int64_t rows, const uint8_t* packed, const c10:
     }
     const c10::Half* sm = scales_mins + 2 * (t * groups + b * kBlock / group) * kTile;
     const simd::Vec scale = simd::load(sm), min = simd::load(sm + kTile);
-#if defined(LEANSERVE_AMX)
-    if (amx_chunks > 0) block_rows_amx<Bits>(q, scale, min, xa, xs, amx_chunks, b, blocks, acc);
-#endif
     auto all_rows = [&](auto first) {
       constexpr bool kFirst = decltype(first)::value;
-      int64_t m = 16 * amx_chunks;
+      int64_t m = 0;
       for (; m + kRowBlock <= rows; m += kRowBlock)
         block_rows<Bits, kRowBlock, kFirst>(q, scale, min, xq, xs, m, b, blocks, acc);
       for (; m < rows; ++m) block_rows<Bits, 1, kFirst>(q, scale, min, xq, xs, m, b, blocks, acc);
@@ -275,26 +193,17 @@ inline at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed,
   const int8_t* xqd = xq.data_ptr<int8_t>();
   const float* xsd = xs.data_ptr<float>();
   const bool int4 = packed.size(2) == 16 * kTile;
-  at::Tensor xa;           // AMX's unsigned activation bytes, x + 128
-  if (amx_enabled() && rows >= 16) xa = at::bitwise_xor(xq, -128).view(at::kByte);
-  const uint8_t* xad = xa.defined() ? xa.data_ptr<uint8_t>() : nullptr;
   // Row chunks keep their activations in cache while every tile passes over them.
   for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
     const int64_t chunk = std::min(kRowChunk, rows - m0);
     const int8_t* xq_chunk = xqd + m0 * 2 * in_features;
-    const uint8_t* xa_chunk = xad ? xad + m0 * 2 * in_features : nullptr;
     const float* xs_chunk = xsd + m0 * blocks * 2;
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
-#if defined(LEANSERVE_AMX)
-      const std::optional<AmxTiles> amx = xa_chunk && chunk >= 16 ? std::optional<AmxTiles>(std::in_place) : std::nullopt;
-#endif
       for (int64_t t = t0; t < t1; ++t) {
         if (int4)
-          tile_rows<4>(t, chunk, pd, smd, xq_chunk, xa_chunk, xs_chunk, in_features, group, out_features,
-                       yd + m0 * out_features);
+          tile_rows<4>(t, chunk, pd, smd, xq_chunk, xs_chunk, in_features, group, out_features, yd + m0 * out_features);
         else
-          tile_rows<8>(t, chunk, pd, smd, xq_chunk, xa_chunk, xs_chunk, in_features, group, out_features,
-                       yd + m0 * out_features);
+          tile_rows<8>(t, chunk, pd, smd, xq_chunk, xs_chunk, in_features, group, out_features, yd + m0 * out_features);
       }
     });
   }

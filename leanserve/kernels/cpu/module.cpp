@@ -79,7 +79,6 @@ at::Tensor checked_quant_linear(const at::Tensor& x, const at::Tensor& packed, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ISA") = simd::kLevel;
   m.attr("LANES") = simd::kLanes;
-  m.attr("AMX") = amx_enabled();     // the linear multiplies 16 or more rows on AMX tiles
   m.def("pack_int4", &pack_int4, "q uint8 [N, K] (0..15), scales, mins [N, K / G] -> (packed, scales_mins)");
   m.def("pack_int8", &pack_int8, "w int8 [N, K], scales [N, K / G] -> (packed, scales_mins)");
   m.def("quant_linear", &checked_quant_linear, "x [M, K] float32 times a packed weight -> [M, N]");

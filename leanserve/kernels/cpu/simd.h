@@ -40,10 +40,7 @@ namespace simd {
 #if defined(LEANSERVE_SIMD_AVX512)
 // ------------------------------------------------------------------------------------------ AVX-512
 
-#if defined(__AVX512VNNI__) && defined(__AMX_INT8__)
-constexpr const char* kLevel = "avx512_amx";      // VNNI, and AMX tile multiplies in linear.h
-constexpr int kInt8Offset = 128;
-#elif defined(__AVX512VNNI__)
+#if defined(__AVX512VNNI__)
 constexpr const char* kLevel = "avx512_vnni";
 constexpr int kInt8Offset = 128;
 #else
