@@ -49,7 +49,7 @@ def _env(args: argparse.Namespace) -> int:
     from leanserve.kernels import cpu_kernels
 
     if args.build_all:          # each level in its own process: importing a level this CPU cannot run may crash
-        for level in cpu_kernels.LEVELS:
+        for level in cpu_kernels.buildable_levels():
             code = f"from leanserve.kernels import cpu_kernels; cpu_kernels.build({level!r})"
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
             runnable = level in cpu_kernels.runnable_levels()

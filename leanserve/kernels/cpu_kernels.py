@@ -55,11 +55,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def buildable_levels() -> list[str]:
+    """The levels this machine's compiler can build: every level on x86-64, the portable one elsewhere."""
+    return list(LEVELS) if platform.machine().lower() in ("x86_64", "amd64") else ["portable"]
+
+
 def runnable_levels() -> list[str]:
-    """The levels this CPU can run, best first (x86-64 levels only on x86-64)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64")
-    return [level for level, (_, needs) in LEVELS.items()
-            if level == "portable" or (x86 and set(needs) <= cpu_flags())]
+    """The levels this CPU can run, best first."""
+    return [level for level in buildable_levels() if set(LEVELS[level][1]) <= cpu_flags()]
 
 
 def selected_level() -> str:
