@@ -1,21 +1,29 @@
 """Block manager and scheduler alone: ints and lists, no model."""
+import itertools
+
 import pytest
 
 from leanserve.engine.sampling_params import SamplingParams
 from leanserve.scheduler.block_manager import BlockManager
 from leanserve.scheduler.request import Request, RequestStatus
-from leanserve.scheduler.scheduler import Scheduler
+from leanserve.scheduler.scheduler import ScheduledBatch, Scheduler
+
+
+_first_token = itertools.count(1000, 1000)
 
 
 def make_request(name: str, prompt_len: int, max_tokens: int = 8) -> Request:
-    return Request(name, list(range(1, prompt_len + 1)), SamplingParams(max_tokens=max_tokens))
+    """A request whose prompt shares no token with another's (no prefix hits unless a test makes them)."""
+    first = next(_first_token)
+    return Request(name, list(range(first, first + prompt_len)), SamplingParams(max_tokens=max_tokens))
 
 
-def run_step(scheduler: Scheduler, finish_after: dict[str, int] | None = None):
-    """Schedule once and play the model's part: advance counters, append a token to samplers."""
+def run_step(scheduler: Scheduler) -> ScheduledBatch:
+    """Schedule once and play the model's part as the engine does: advance (which publishes full blocks
+    to the prefix cache), then append a token to each request whose prompt is computed."""
     batch = scheduler.schedule()
-    for request, n in zip(batch.requests, batch.num_tokens):
-        request.num_computed_tokens += n
+    scheduler.advance(batch)
+    for request in batch.requests:
         if request.num_computed_tokens == request.num_tokens:
             request.append_output_token(7)
             if request.num_output_tokens >= request.sampling_params.max_tokens:
@@ -324,3 +332,46 @@ def test_no_request_waits_forever_while_others_keep_arriving():
         if long.finished:
             break
     assert long.finished and step < 20
+
+
+@settings(max_examples=80, deadline=None)
+@given(arrivals=st.lists(st.tuples(st.integers(0, 15), st.integers(0, 2), st.integers(1, 40), st.integers(1, 6)),
+                         min_size=2, max_size=16),
+       block_size=st.sampled_from([1, 2, 4, 8]), budget=st.integers(1, 64), chunked=st.booleans())
+def test_prefix_hits_are_exactly_the_computed_blocks_a_prompt_starts_with(arrivals, block_size, budget, chunked):
+    # Prompts of one family share their first tokens. The cache is too large to evict anything, so when
+    # a request is admitted its hits must be exactly its leading full blocks (all but its last token)
+    # that some request had computed by the step before.
+    bm = BlockManager(4096, block_size)
+    s = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=budget, enable_chunked_prefill=chunked)
+    pending = sorted(arrivals)
+    computed: dict[str, list[int]] = {}          # request -> the tokens it has computed
+    requests, expected_hits = [], 0
+
+    def cached_blocks(tokens: list[int]) -> int:
+        def shared(done: list[int]) -> int:
+            n = 0
+            while n < min(len(done), len(tokens) - 1) and done[n] == tokens[n]:
+                n += 1
+            return n
+        return max((shared(done) for done in computed.values()), default=0) // block_size
+
+    for step in range(2000):
+        while pending and pending[0][0] <= step:
+            _, family, length, max_tokens = pending.pop(0)
+            r = Request(f"r{len(requests)}", [100 * family + j for j in range(length)], SamplingParams(max_tokens=max_tokens))
+            s.add(r, length + max_tokens)
+            requests.append(r)
+        before = {id(r) for r in s.running}
+        expected = {r.request_id: cached_blocks(r.token_ids) for r in s.waiting}
+        batch = run_step(s)
+        for r, n in zip(batch.requests, batch.num_tokens):
+            if id(r) not in before:              # admitted this step: what it found cached was skipped
+                hit = r.num_computed_tokens - n
+                assert hit == expected[r.request_id] * block_size, (r.request_id, hit, expected[r.request_id])
+                expected_hits += hit
+            computed[r.request_id] = r.token_ids[:r.num_computed_tokens]
+        if not pending and not s.has_unfinished():
+            break
+    assert not s.has_unfinished() and bm.num_free_blocks == bm.num_blocks
+    assert bm.prefix_cache_hits == expected_hits
