@@ -1,5 +1,5 @@
 """LeanServe: an LLM inference serving engine."""
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 

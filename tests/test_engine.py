@@ -307,3 +307,21 @@ def test_priority_and_abort_through_the_engine(tiny_hf_dir):
         engine.scheduler.check_invariants()
     assert finished == ["urgent", "normal", "low"]
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_broken_invariant_is_logged_with_what_it_involves_when_the_engine_goes_idle(tiny_hf_dir, caplog):
+    llm = LLM(str(tiny_hf_dir), kv_cache_tokens=2048)
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    with caplog.at_level("ERROR", logger="leanserve.engine"):
+        llm.generate([[7, 8, 9]], params, use_tqdm=False)
+        assert not caplog.records                          # a sound engine goes idle in silence
+        engine.add_request("leaky", [7, 8, 9], params)
+        engine.step()
+        leaked = engine.scheduler.requests["leaky"].block_table[0]
+        engine.block_manager.ref_counts[leaked] += 1       # a reference no block table holds
+        while engine.has_unfinished_requests():
+            engine.step()
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
+    assert f"block {leaked} has 1 references but is held by []" in caplog.records[0].getMessage()
+    assert llm.generate([[5, 6]], params, use_tqdm=False)[0].outputs[0].token_ids   # serving goes on

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leanserve.engine.sampler import Sampler, _apply_frequency_presence_penalties, _apply_repetition_penalty
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 from leanserve.scheduler.request import Request
 
 VOCAB = 50
@@ -19,6 +19,12 @@ def make_request(prompt=(1,), output=(), **params) -> Request:
     for token_id in output:
         request.append_output_token(token_id)
     return request
+
+
+def own_generators(requests: list[Request]) -> list[torch.Generator | None]:
+    """What the engine gives each seeded request: its own generator, seeded with its seed."""
+    return [torch.Generator().manual_seed(r.sampling_params.seed) if r.sampling_params.seed is not None else None
+            for r in requests]
 
 
 def random_logits(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
@@ -193,11 +199,12 @@ def batch_mates() -> list[Request]:
 def seeded_tokens(seed: int, row: int, mates: list[Request], sampler_seed: int | None, steps: int = 8) -> list[int]:
     target = make_request(prompt=[1, 4, 9], temperature=0.9, top_k=20, seed=seed, presence_penalty=0.5)
     sampler = Sampler(seed=sampler_seed)
+    batch = mates[:row] + [target] + mates[row:]
+    generators = own_generators(batch)             # each lives as long as its request, over the steps
     for step in range(steps):
-        batch = mates[:row] + [target] + mates[row:]
         logits = random_logits(len(batch), VOCAB, seed=100 + step + 7 * len(batch), scale=1.0)
         logits[row] = random_logits(VOCAB, seed=step, scale=1.0)  # the target's own logits
-        target.append_output_token(sampler(logits, batch).token_ids[row])
+        target.append_output_token(sampler(logits, batch, generators).token_ids[row])
     return target.output_token_ids
 
 
@@ -255,9 +262,10 @@ def test_mixed_batch_gives_each_row_what_it_gets_alone():
     logits = random_logits(6, VOCAB, seed=6)
     logits[5, EOS] = 50.0  # row 5 must not pick eos under min_tokens
     raw = logits.clone()
-    out = Sampler(seed=3)(logits, mixed_requests())
+    batch = mixed_requests()
+    out = Sampler(seed=3)(logits, batch, own_generators(batch))
     assert torch.equal(logits, raw), "the sampler must not write into the caller's logits"
-    alone = [Sampler()(logits[i:i + 1], [r]).token_ids[0] for i, r in enumerate(mixed_requests())]
+    alone = [Sampler()(logits[i:i + 1], [r], own_generators([r])).token_ids[0] for i, r in enumerate(mixed_requests())]
     for row in (0, 1, 2, 3, 5):
         assert out.token_ids[row] == alone[row]
     assert 0 <= out.token_ids[4] < VOCAB

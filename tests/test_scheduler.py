@@ -3,7 +3,7 @@ import itertools
 
 import pytest
 
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 from leanserve.scheduler.block_manager import BlockManager
 from leanserve.scheduler.request import Request, RequestStatus
 from leanserve.scheduler.scheduler import ScheduledBatch, Scheduler

@@ -206,30 +206,44 @@ def test_a_failing_step_fails_only_its_requests(llm, monkeypatch):
 
 
 def test_metrics_count_requests_tokens_and_latencies(llm):
+    # The engine is shared with the other tests: every count is compared as a difference across the calls.
     async def go():
         async with make_client(llm) as client:
-            for _ in range(2):
-                await client.post("/v1/chat/completions", json=chat_body(ignore_eos=True))
+            before = (await client.get("/metrics")).text
+            answers = [await client.post("/v1/chat/completions", json=chat_body(ignore_eos=True)) for _ in range(2)]
             await client.post("/v1/chat/completions", json={"messages": []})
-            return (await client.get("/metrics")).text
-    text = run(go())
+            return before, answers, (await client.get("/metrics")).text
+    before, answers, text = run(go())
 
-    samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+    def parse(text: str) -> list:
+        return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+    samples, samples_before = parse(text), parse(before)
 
     def value(name: str, **labels) -> float:
         labels = {"model_name": MODEL, **labels}
         return sum(s.value for s in samples if s.name == name and labels.items() <= s.labels.items())
 
-    assert value("leanserve:generation_tokens_total") >= 24
-    assert value("leanserve:request_success_total", finished_reason="length") >= 2
+    def delta(name: str, **labels) -> float:
+        labels = {"model_name": MODEL, **labels}
+        return value(name, **labels) - sum(s.value for s in samples_before
+                                           if s.name == name and labels.items() <= s.labels.items())
+
+    prompt_tokens = sum(a.json()["usage"]["prompt_tokens"] for a in answers)
+    assert delta("leanserve:generation_tokens_total") == 24
+    assert delta("leanserve:prompt_tokens_total") == prompt_tokens
+    assert delta("leanserve:request_success_total", finished_reason="length") == 2
+    assert delta("leanserve:request_success_total") == 2
+    # One request at a time: 12 steps each (its prefill samples the first token).
     for histogram, count in [("time_to_first_token_seconds", 2), ("inter_token_latency_seconds", 22),
                              ("e2e_request_latency_seconds", 2), ("request_queue_time_seconds", 2),
                              ("iteration_tokens_total", 24), ("request_prompt_tokens", 2),
                              ("request_generation_tokens", 2)]:
-        assert value(f"leanserve:{histogram}_count") >= count, histogram
+        assert delta(f"leanserve:{histogram}_count") == count, histogram
+    assert delta("leanserve:request_prompt_tokens_sum") == prompt_tokens
     assert value("leanserve:num_requests_running") == value("leanserve:kv_cache_usage_perc") == 0
-    assert value("leanserve:http_requests_total", method="POST", path="/v1/chat/completions", status="400") >= 1
-    assert value("leanserve:prompt_tokens_total") > 0
+    assert delta("leanserve:http_requests_total", method="POST", path="/v1/chat/completions", status="400") == 1
+    assert delta("leanserve:http_requests_total", method="POST", path="/v1/chat/completions", status="200") == 2
     names = {s.name for s in samples}
     assert {"leanserve:num_preemptions_total", "leanserve:prefix_cache_queries_total",
             "leanserve:prefix_cache_hits_total", "leanserve:num_requests_waiting"} <= names

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from leanserve.engine.engine_config import EngineConfig
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.engine.outputs import RequestOutput
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 
 log = logging.getLogger("leanserve.engine")
 

@@ -9,7 +9,7 @@ from tqdm import tqdm
 from leanserve.engine.engine_config import EngineConfig
 from leanserve.engine.llm_engine import LLMEngine
 from leanserve.engine.outputs import RequestOutput
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 
 Prompt = str | list[int]
 Message = dict[str, str]

@@ -14,7 +14,7 @@ from leanserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from leanserve.engine.outputs import CompletionOutput, RequestOutput
 from leanserve.engine.quantize import quantize_model, resolve_quantization
 from leanserve.engine.sampler import Sampler
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 from leanserve.engine.tokenizer import IncrementalDetokenizer
 from leanserve.scheduler.block_manager import BlockManager
 from leanserve.scheduler.request import Request, RequestStatus
@@ -34,15 +34,26 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-class _Group:
-    """The n sequences of one user request, and what each produced since the last report."""
+class _Sequence:
+    """One of a request's n sequences: its scheduler request, and what only the engine keeps of it (its
+    detokenizer, its own random generator if seeded, what it produced since the last report)."""
 
-    def __init__(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+    def __init__(self, request: Request, detokenizer: IncrementalDetokenizer) -> None:
+        self.request = request
+        self.detokenizer = detokenizer
+        seed = request.sampling_params.seed
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.text_delta = ""
+        self.token_delta: list[int] = []
+
+
+class _Group:
+    """The n sequences of one user request."""
+
+    def __init__(self, request_id: str, prompt: str | None, sequences: list[_Sequence]) -> None:
         self.request_id = request_id
         self.prompt = prompt
-        self.children = children
-        self.text_deltas = [""] * len(children)
-        self.token_deltas: list[list[int]] = [[] for _ in children]
+        self.sequences = sequences
 
 
 class LLMEngine:
@@ -66,7 +77,7 @@ class LLMEngine:
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(seed=config.seed)
         self._groups: dict[str, _Group] = {}
-        self._group_of: dict[str, _Group] = {}
+        self._sequence_of: dict[str, tuple[_Group, _Sequence]] = {}     # by scheduler request id
         kv_tokens = num_blocks * config.block_size
         kv_dtype = config.kv_cache_torch_dtype
         kv_name = str(kv_dtype).removeprefix("torch.")
@@ -101,7 +112,7 @@ class LLMEngine:
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         self.validate_prompt(token_ids, params)
         max_total = self.max_total_tokens(token_ids, params)
-        children = []
+        sequences = []
         for i in range(params.n):
             child_params = params
             if params.n > 1 and params.seed is not None:
@@ -109,15 +120,15 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             child = Request(child_id, token_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
                             priority=priority)
-            child.detokenizer = IncrementalDetokenizer(
+            detokenizer = IncrementalDetokenizer(
                 self.tokenizer, token_ids, skip_special_tokens=params.skip_special_tokens,
                 stop_strings=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output)
             self.scheduler.add(child, max_total)
-            children.append(child)
-        group = _Group(request_id, text, children)
+            sequences.append(_Sequence(child, detokenizer))
+        group = _Group(request_id, text, sequences)
         self._groups[request_id] = group
-        for child in children:
-            self._group_of[child.request_id] = group
+        for sequence in sequences:
+            self._sequence_of[sequence.request.request_id] = group, sequence
 
     def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a prompt this engine cannot serve with these parameters."""
@@ -142,10 +153,12 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         group = self._groups.pop(request_id, None)
-        for child in group.children if group else []:
-            if not child.finished:
-                self.scheduler.finish(child, RequestStatus.FINISHED_ABORTED)
-            self._group_of.pop(child.request_id, None)
+        for sequence in group.sequences if group else []:
+            if not sequence.request.finished:
+                self.scheduler.finish(sequence.request, RequestStatus.FINISHED_ABORTED)
+            self._sequence_of.pop(sequence.request.request_id, None)
+        if not self._groups:
+            self._check_when_idle()
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
@@ -159,29 +172,41 @@ class LLMEngine:
             return []
         try:
             logits, sampling = self.runner.execute(batch)
-            sampled = self.sampler(logits, sampling)
+            sequences = [self._sequence_of[r.request_id] for r in sampling]
+            sampled = self.sampler(logits, sampling, [sequence.generator for _, sequence in sequences])
         except Exception as e:  # noqa: BLE001 - a failed step must not take other requests down
             log.exception("model step failed; failing its %d requests", len(batch))
-            return self._fail({self._group_of[r.request_id] for r in batch.requests}, f"{type(e).__name__}: {e}")
+            groups = {self._sequence_of[r.request_id][0] for r in batch.requests}
+            return self._fail(groups, f"{type(e).__name__}: {e}")
         self.scheduler.advance(batch)
         progressed: dict[str, _Group] = {}
-        for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
-            group = self._group_of[request.request_id]
-            self._append_token(group, request, token_id, logprob)
+        for (group, sequence), token_id, logprob in zip(sequences, sampled.token_ids, sampled.logprobs):
+            self._append_token(sequence, token_id, logprob)
             progressed[group.request_id] = group
-        return [self._report(group) for group in progressed.values()]
+        reports = [self._report(group) for group in progressed.values()]
+        if not self._groups:
+            self._check_when_idle()
+        return reports
 
-    def _append_token(self, group: _Group, request: Request, token_id: int, logprob) -> None:
+    def _check_when_idle(self) -> None:
+        """The scheduler's invariants, once nothing is left to run (cheap then); a broken one is logged
+        with the requests and blocks it involves, and serving goes on."""
+        try:
+            self.scheduler.check_invariants()
+        except AssertionError as e:
+            log.error("scheduler invariants broken when idle: %s", e)
+
+    def _append_token(self, sequence: _Sequence, token_id: int, logprob) -> None:
+        request = sequence.request
         request.append_output_token(token_id, logprob)
-        text, stop_string = request.detokenizer.add_tokens([token_id])
+        text, stop_string = sequence.detokenizer.add_tokens([token_id])
         status, request.stop_reason = self._stop_status(request, token_id, stop_string)
         if status is not None:
             if stop_string is None:
-                text += request.detokenizer.flush()
+                text += sequence.detokenizer.flush()
             self.scheduler.finish(request, status)
-        index = group.children.index(request)
-        group.text_deltas[index] += text
-        group.token_deltas[index].append(token_id)
+        sequence.text_delta += text
+        sequence.token_delta.append(token_id)
 
     def _stop_status(self, request: Request, token_id: int, stop_string: str | None):
         """Why the request ends after this token, if it does: (status, stop string or token)."""
@@ -199,27 +224,27 @@ class LLMEngine:
     def _fail(self, groups: set[_Group], message: str) -> list[RequestOutput]:
         """End every sequence of these requests with an error."""
         for group in groups:
-            for child in group.children:
-                if not child.finished:
-                    self.scheduler.finish(child, RequestStatus.FINISHED_ERROR)
-                child.error = message
+            for sequence in group.sequences:
+                if not sequence.request.finished:
+                    self.scheduler.finish(sequence.request, RequestStatus.FINISHED_ERROR)
+                sequence.request.error = message
         return [self._report(group) for group in groups]
 
     def _report(self, group: _Group) -> RequestOutput:
-        outputs = [
-            CompletionOutput(
-                index=i, text=r.detokenizer.output_text, token_ids=list(r.output_token_ids),
+        outputs = []
+        for i, sequence in enumerate(group.sequences):
+            r = sequence.request
+            outputs.append(CompletionOutput(
+                index=i, text=sequence.detokenizer.output_text, token_ids=list(r.output_token_ids),
                 finish_reason=r.status.value if r.finished else None, stop_reason=r.stop_reason,
                 logprobs=list(r.output_logprobs) if r.sampling_params.logprobs is not None else None,
-                text_delta=group.text_deltas[i], token_ids_delta=group.token_deltas[i])
-            for i, r in enumerate(group.children)]
-        group.text_deltas = [""] * len(group.children)
-        group.token_deltas = [[] for _ in group.children]
-        first = group.children[0]
+                text_delta=sequence.text_delta, token_ids_delta=sequence.token_delta))
+            sequence.text_delta, sequence.token_delta = "", []
+        first = group.sequences[0].request
         report = RequestOutput(group.request_id, group.prompt, first.prompt_token_ids, outputs, error=first.error,
                                arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time)
         if report.finished:
             del self._groups[group.request_id]
-            for child in group.children:
-                del self._group_of[child.request_id]
+            for sequence in group.sequences:
+                del self._sequence_of[sequence.request.request_id]
         return report

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from leanserve.scheduler.request import Logprob
+from leanserve.params import Logprob
 
 
 @dataclass

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
-from leanserve.engine.sampling_params import SamplingParams
-from leanserve.scheduler.request import Logprob, Request
+from leanserve.params import SamplingParams
+from leanserve.params import Logprob
+from leanserve.scheduler.request import Request
 
 
 @dataclass
@@ -28,18 +29,20 @@ class Sampler:
 
     seed seeds the generator shared by the requests without their own seed
     (made on the logits' device at first use); None uses torch's default
-    generator. A seeded request draws only from its
-    own `request.generator`, so its tokens depend on its seed and its logits,
-    never on the rest of the batch.
+    generator. A row given its own generator (the engine makes one for each
+    seeded request) draws only from it, so its tokens depend on its seed and
+    its logits, never on the rest of the batch.
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self.seed = seed
         self._generator: torch.Generator | None = None
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 generators: list[torch.Generator | None] | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {tuple(logits.shape)}")
+        generators = generators or [None] * len(requests)
         params = [r.sampling_params for r in requests]
         # The stages below never write into their input, so `logits` stays the
         # raw model output that log-probabilities are reported from.
@@ -50,18 +53,18 @@ class Sampler:
         if all(greedy):
             token_ids = penalized.argmax(-1)
         else:
-            token_ids = self._sample(penalized, requests)
+            token_ids = self._sample(penalized, params, generators)
             if any(greedy):
                 greedy_rows = torch.tensor(greedy, device=logits.device)
                 token_ids = torch.where(greedy_rows, penalized.argmax(-1), token_ids)
         return _to_output(logits, token_ids, params)
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, params: list[SamplingParams],
+                generators: list[torch.Generator | None]) -> torch.Tensor:
         """Draws from every row; greedy rows get neutral parameters and their
         draw is discarded by the caller, which keeps all work batched."""
         vocab_size = logits.shape[1]
         device = logits.device
-        params = [r.sampling_params for r in requests]
         sampled = [not p.greedy for p in params]
         temperatures = [p.temperature if s else 1.0 for p, s in zip(params, sampled)]
         top_ks = [p.top_k if s and 0 < p.top_k < vocab_size else vocab_size for p, s in zip(params, sampled)]
@@ -76,13 +79,14 @@ class Sampler:
             min_p = torch.tensor(min_ps, dtype=probs.dtype, device=device)[:, None]
             probs = probs.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), 0.0)
         # argmax(p / q) with q ~ Exp(1) samples from p (p need not be normalized).
-        return probs.div_(self._exponential_noise(probs, requests, sampled)).argmax(-1)
+        return probs.div_(self._exponential_noise(probs, generators, sampled)).argmax(-1)
 
-    def _exponential_noise(self, probs: torch.Tensor, requests: list[Request], sampled: list[bool]) -> torch.Tensor:
+    def _exponential_noise(self, probs: torch.Tensor, generators: list[torch.Generator | None],
+                           sampled: list[bool]) -> torch.Tensor:
         """Exp(1) noise as -log(U), U ~ uniform [0, 1): five times faster than
         exponential_ on CPU, and q > 0 always, so a filtered token (p = 0) never
         becomes 0 / 0 = NaN, which argmax would pick."""
-        seeded_rows = [i for i, r in enumerate(requests) if sampled[i] and r.generator is not None]
+        seeded_rows = [i for i, g in enumerate(generators) if sampled[i] and g is not None]
         if len(seeded_rows) < sum(sampled):
             uniform = torch.empty_like(probs).uniform_(generator=self._shared_generator(probs.device))
         else:
@@ -91,8 +95,7 @@ class Sampler:
             # Each seeded request draws a full row from its own generator (on
             # the generator's device), so the draw is the same in any batch.
             draws = [
-                torch.rand(probs.shape[1], dtype=probs.dtype, device=requests[i].generator.device,
-                           generator=requests[i].generator)
+                torch.rand(probs.shape[1], dtype=probs.dtype, device=generators[i].device, generator=generators[i])
                 for i in seeded_rows
             ]
             uniform[torch.tensor(seeded_rows, device=probs.device)] = torch.stack(draws).to(probs.device)

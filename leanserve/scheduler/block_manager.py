@@ -127,14 +127,22 @@ class BlockManager:
         if content is not None:
             del self.cached[content[0]]
 
-    def check_invariants(self, requests: list[Request]) -> None:
-        """free + used == total, and each block's reference count equals the number of tables holding it."""
-        holders = [0] * self.num_blocks
+    def invariant_problems(self, requests: list[Request]) -> list[str]:
+        """What is wrong, naming requests and blocks: each block's reference count must equal the number
+        of these requests' tables that hold it, the free list hold exactly the unreferenced blocks, and
+        the prefix-cache index point at blocks that hold what it says."""
+        holders: list[list[str]] = [[] for _ in range(self.num_blocks)]
         for request in requests:
             for block in request.block_table:
-                holders[block] += 1
-        assert holders == self.ref_counts, "reference counts differ from the block tables"
-        assert self.num_free_blocks + sum(1 for c in self.ref_counts if c) == self.num_blocks, "free + used != total"
-        assert all((self.ref_counts[b] == 0) == (b in self.free_blocks) for b in range(self.num_blocks)), \
-            "free list and reference counts disagree"
-        assert all(self.block_content[b][0] == h for h, b in self.cached.items()), "prefix cache index is stale"
+                holders[block].append(request.request_id)
+        problems = [f"block {b} has {self.ref_counts[b]} references but is held by [{', '.join(h)}]"
+                    for b, h in enumerate(holders) if len(h) != self.ref_counts[b]]
+        if stray := [b for b in range(self.num_blocks) if (self.ref_counts[b] == 0) != (b in self.free_blocks)]:
+            problems.append(f"free list and reference counts disagree on blocks {stray}")
+        if stale := sorted(b for h, b in self.cached.items() if self.block_content.get(b, (None,))[0] != h):
+            problems.append(f"prefix cache index is stale for blocks {stale}")
+        return problems
+
+    def check_invariants(self, requests: list[Request]) -> None:
+        if problems := self.invariant_problems(requests):
+            raise AssertionError("; ".join(problems))

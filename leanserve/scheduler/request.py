@@ -1,16 +1,15 @@
 """One object per request: everything the scheduler, block manager, runner and
-sampler need to know about it. The others only read it or advance its counters."""
+sampler need to know about it. The others only read it or advance its counters.
+What only the engine needs (the detokenizer, a seeded request's random generator)
+lives on the engine side (llm_engine.py)."""
 from __future__ import annotations
 
 import enum
 import itertools
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import Logprob, SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -24,16 +23,6 @@ class RequestStatus(enum.Enum):
     @property
     def finished(self) -> bool:
         return self not in (RequestStatus.WAITING, RequestStatus.RUNNING)
-
-
-@dataclass
-class Logprob:
-    """Log-probability of the sampled token and the top alternatives at one step."""
-
-    token_id: int
-    logprob: float
-    rank: int
-    top: list[tuple[int, float]]
 
 
 _arrival_counter = itertools.count()
@@ -59,17 +48,11 @@ class Request:
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
     error: str | None = None
-    # Set by the engine: a seeded torch.Generator for per-request sampling and
-    # the incremental detokenizer that turns output tokens into text.
-    generator: torch.Generator | None = None
-    detokenizer: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
         self.token_ids: list[int] = list(self.prompt_token_ids)
-        if self.sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -164,11 +164,26 @@ class Scheduler:
         return True
 
     def check_invariants(self) -> None:
-        waiting, running = set(self.waiting), set(self.running)
-        assert not waiting & running, "a request is both waiting and running"
-        assert waiting | running == set(self.requests.values()), "a request is lost or finished but still queued"
-        assert all(r.status is RequestStatus.WAITING and not r.block_table for r in waiting)
-        assert all(r.status is RequestStatus.RUNNING for r in running)
-        assert [_urgency(r) for r in self.waiting] == sorted(_urgency(r) for r in self.waiting)
-        assert len(self.running) <= self.max_num_seqs
-        self.block_manager.check_invariants(self.running)
+        """Raise AssertionError naming the requests (and blocks) of every broken invariant; cheap when idle."""
+        def ids(requests) -> str:
+            return ", ".join(sorted(r.request_id for r in requests))
+
+        waiting, running, known = set(self.waiting), set(self.running), set(self.requests.values())
+        problems = []
+        if waiting & running:
+            problems.append(f"both waiting and running: {ids(waiting & running)}")
+        if known - waiting - running:
+            problems.append(f"known but neither waiting nor running: {ids(known - waiting - running)}")
+        if (waiting | running) - known:
+            problems.append(f"finished but still queued: {ids((waiting | running) - known)}")
+        if bad := [r for r in waiting if r.status is not RequestStatus.WAITING or r.block_table]:
+            problems.append(f"waiting with another status or holding blocks: {ids(bad)}")
+        if bad := [r for r in running if r.status is not RequestStatus.RUNNING]:
+            problems.append(f"running with another status: {ids(bad)}")
+        if [_urgency(r) for r in self.waiting] != sorted(_urgency(r) for r in self.waiting):
+            problems.append("the waiting queue is out of order")
+        if len(self.running) > self.max_num_seqs:
+            problems.append(f"{len(self.running)} running, more than max_num_seqs {self.max_num_seqs}")
+        problems += self.block_manager.invariant_problems(self.running)
+        if problems:
+            raise AssertionError("; ".join(problems))

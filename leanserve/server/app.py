@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from leanserve.engine.async_llm import AsyncLLM, EngineDeadError
 from leanserve.engine.outputs import RequestOutput
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 from leanserve.server.metrics import ServerMetrics
 from leanserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)

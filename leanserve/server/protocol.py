@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from leanserve.engine.sampling_params import SamplingParams
+from leanserve.params import SamplingParams
 
 
 class _Body(BaseModel):

@@ -1,4 +1,8 @@
-"""Per-request sampling parameters, validated once at construction."""
+"""What a request asks for and what it gets back per token: plain data that the scheduler, the engine
+and the server all read, so it lives beside none of them (and imports nothing but the standard library).
+
+SamplingParams: per-request sampling parameters, validated once at construction.
+Logprob: the log-probability of a sampled token and the top alternatives at one step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -61,3 +65,13 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+@dataclass
+class Logprob:
+    """Log-probability of the sampled token and the top alternatives at one step."""
+
+    token_id: int
+    logprob: float
+    rank: int
+    top: list[tuple[int, float]]
