@@ -1,6 +1,7 @@
 """The HTTP API against the ASGI app (httpx), on the tiny model: protocol, errors, faults, metrics."""
 import asyncio
 import json
+import time
 
 import httpx
 import pytest
@@ -155,6 +156,25 @@ def test_malformed_json_oversized_body_and_bad_completions(llm):
     assert malformed.status_code == 400 and "JSON" in malformed.json()["error"]["message"]
     assert huge.status_code == 413 and huge.json()["error"]["code"] == "request_too_large"
     assert empty.status_code == bad_ids.status_code == bad_detok.status_code == 400
+
+
+def test_a_prompt_the_engine_refuses_is_a_400_even_streamed_and_runs_none_of_its_batch(llm):
+    # The engine validates each prompt as it takes it; the answer waits for that, so a streamed request
+    # gets its 400 (not a 200 stream ending in an error), and the valid prompts sent with it never run.
+    async def go():
+        async with make_client(llm) as client:
+            streamed = await client.post("/v1/completions", json={"prompt": [5, 10**9], "stream": True})
+            batch = await client.post("/v1/completions", json={"prompt": [[5, 6], [7, 10**9]], "max_tokens": 500,
+                                                              "ignore_eos": True})
+            return streamed, batch
+    streamed, batch = run(go())
+    assert streamed.status_code == batch.status_code == 400
+    assert "prompt token ids must be in" in streamed.json()["error"]["message"]
+    deadline = time.monotonic() + 10
+    while llm.engine.has_unfinished_requests():            # the first prompt of the batch is aborted
+        assert time.monotonic() < deadline, "a prompt of the refused batch kept running"
+        time.sleep(0.01)
+    assert llm.engine.block_manager.num_used_blocks == 0
 
 
 def test_api_key_guards_the_api_but_not_health_or_metrics(llm):

@@ -22,6 +22,7 @@ from leanserve.params import SamplingParams
 log = logging.getLogger("leanserve.engine")
 
 IDLE_POLL_SECONDS = 0.5
+_ACCEPTED = object()     # the first item of a stream: the engine took the request
 
 
 class EngineDeadError(RuntimeError):
@@ -65,18 +66,27 @@ class AsyncLLM:
 
     # ---- requests ----------------------------------------------------------------------------
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-               prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Queue a request (ValueError now if it cannot be served) and return the stream of its outputs.
+    async def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     prompt: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Queue a request and, once the engine thread has accepted it, return the stream of its outputs;
+        ValueError if it cannot be served (the engine validates it, once, as it takes it).
 
         Closing the stream before the request finishes aborts it in the engine.
         """
         if not self.alive:
             raise EngineDeadError("the engine is not running")
-        self.engine.validate_prompt(prompt_token_ids, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request_id, prompt_token_ids, params, prompt, priority))
+        try:
+            accepted = await stream.get()
+        except asyncio.CancelledError:          # the caller went away while the engine finished a step
+            self._streams.pop(request_id, None)
+            self.abort(request_id)
+            raise
+        if isinstance(accepted, BaseException):
+            self._streams.pop(request_id, None)
+            raise accepted
         return self._outputs(request_id, stream)
 
     async def _outputs(self, request_id: str, stream: asyncio.Queue) -> AsyncIterator[RequestOutput]:
@@ -94,6 +104,7 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)           # nothing more is delivered to it
         self._commands.put(("abort", request_id))
 
     # ---- the engine thread -------------------------------------------------------------------
@@ -134,6 +145,7 @@ class AsyncLLM:
                 _, request_id, token_ids, params, prompt, priority = command
                 try:
                     self.engine.add_request(request_id, token_ids, params, priority=priority, prompt_text=prompt)
+                    self._deliver(request_id, _ACCEPTED)
                 except Exception as e:  # noqa: BLE001 - one bad request must not stop the engine thread
                     self._deliver(request_id, e)
             elif command[0] == "abort":
@@ -154,7 +166,12 @@ class AsyncLLM:
             if target is not None:
                 by_loop.setdefault(target[0], []).append((target[1], item))
         for loop, batch in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, batch)
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:                      # that event loop is closed: nobody reads these streams
+                for request_id, _ in items:
+                    if self._streams.get(request_id, (None,))[0] is loop:
+                        self._streams.pop(request_id, None)
 
 
 def _put_all(items: list[tuple[asyncio.Queue, RequestOutput | BaseException]]) -> None:

@@ -110,7 +110,7 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         text = prompt if isinstance(prompt, str) else prompt_text
         token_ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.validate_prompt(token_ids, params)
+        self._validate(token_ids, params)
         max_total = self.max_total_tokens(token_ids, params)
         sequences = []
         for i in range(params.n):
@@ -130,7 +130,7 @@ class LLMEngine:
         for sequence in sequences:
             self._sequence_of[sequence.request.request_id] = group, sequence
 
-    def validate_prompt(self, token_ids: list[int], params: SamplingParams) -> None:
+    def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a prompt this engine cannot serve with these parameters."""
         if not token_ids:
             raise ValueError("the prompt is empty")
@@ -142,10 +142,6 @@ class LLMEngine:
         if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"the prompt ({len(token_ids)} tokens) plus max_tokens ({params.max_tokens}) "
                              f"exceeds the model's context of {self.max_model_len} tokens")
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if self.max_total_tokens(token_ids, params) > capacity:
-            raise ValueError(f"the prompt ({len(token_ids)} tokens) plus max_tokens needs more KV cache "
-                             f"than the whole cache holds ({capacity} tokens)")
 
     def max_total_tokens(self, token_ids: list[int], params: SamplingParams) -> int:
         """The most tokens the request can grow to."""

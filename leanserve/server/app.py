@@ -95,10 +95,10 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             raise APIError(429, f"too many requests waiting ({llm.num_waiting}); retry shortly",
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
 
-    def submit(request_id: str, token_ids: list[int], params: SamplingParams, text: str | None,
-               priority: int) -> AsyncIterator[RequestOutput]:
+    async def submit(request_id: str, token_ids: list[int], params: SamplingParams, text: str | None,
+                     priority: int) -> AsyncIterator[RequestOutput]:
         try:
-            return llm.submit(request_id, token_ids, params, text, priority)
+            return await llm.submit(request_id, token_ids, params, text, priority)
         except ValueError as e:
             raise APIError(400, str(e)) from e
         except EngineDeadError as e:
@@ -125,7 +125,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         tracker = metrics.track(len(token_ids))
-        stream = submit(request_id, token_ids, params, text, body.priority)
+        stream = await submit(request_id, token_ids, params, text, body.priority)
         created = int(time.time())
         if body.stream:
             return _sse(_chat_chunks(stream, request_id, created, config.served_model_name, body, tracker,
@@ -148,9 +148,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         streams = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                streams.append(submit(f"{request_id}-{i}", ids, params, text, body.priority))
-        except APIError:
-            for i in range(len(streams)):      # not started yet: closing them would not abort them
+                streams.append(await submit(f"{request_id}-{i}", ids, params, text, body.priority))
+        except BaseException:                  # an invalid prompt, or the client gone: none of them runs
+            for i in range(len(streams)):      # not iterated yet: closing them would not abort them
                 llm.abort(f"{request_id}-{i}")
             raise
         trackers = [metrics.track(len(ids)) for _, ids in prompts]
