@@ -325,3 +325,24 @@ def test_a_broken_invariant_is_logged_with_what_it_involves_when_the_engine_goes
     assert [r.levelname for r in caplog.records] == ["ERROR"]
     assert f"block {leaked} has 1 references but is held by []" in caplog.records[0].getMessage()
     assert llm.generate([[5, 6]], params, use_tqdm=False)[0].outputs[0].token_ids   # serving goes on
+
+
+def test_reports_carry_deltas_that_add_up_to_the_final_output(tiny_llm):
+    # Each report carries what changed since the last (so its cost does not grow with the output); the
+    # whole text, token ids and log-probs come once, in the final report, equal to the deltas joined.
+    engine = tiny_llm.engine
+    params = SamplingParams(n=2, temperature=0.8, seed=3, max_tokens=12, logprobs=2, stop=[" the"])
+    engine.add_request("deltas", [5, 6, 7, 8], params)
+    texts, tokens, logprobs, reports = ["", ""], [[], []], [[], []], []
+    while engine.has_unfinished_requests():
+        for report in engine.step():
+            reports.append(report)
+            for o in report.outputs:
+                texts[o.index] += o.text_delta
+                tokens[o.index] += o.token_ids_delta
+                logprobs[o.index] += o.logprobs_delta
+    assert len(reports) > 2 and reports[-1].finished and not any(r.finished for r in reports[:-1])
+    assert all(o.text == "" and o.token_ids == [] and o.logprobs is None for r in reports[:-1] for o in r.outputs)
+    for o in reports[-1].outputs:
+        assert o.text == texts[o.index] and o.token_ids == tokens[o.index] and o.logprobs == logprobs[o.index]
+        assert len(o.token_ids) == len(o.logprobs) > 0

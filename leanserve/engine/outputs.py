@@ -8,15 +8,18 @@ from leanserve.params import Logprob
 
 @dataclass
 class CompletionOutput:
+    """One sequence's part of a report. The deltas are what it produced since the last report; the whole
+    text, token ids and log-probs are filled in the request's final report only (empty before)."""
+
     index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None     # 'stop', 'length', 'abort' or 'error'
     stop_reason: int | str | None = None  # the stop string or stop token that ended it
-    logprobs: list[Logprob] | None = None
-    # What this step added, for streaming.
     text_delta: str = ""
     token_ids_delta: list[int] = field(default_factory=list)
+    logprobs_delta: list[Logprob] | None = None     # None where the request asked for no log-probs
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None
 
     @property
     def finished(self) -> bool:

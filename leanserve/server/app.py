@@ -16,7 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from leanserve.engine.async_llm import AsyncLLM, EngineDeadError
 from leanserve.engine.outputs import RequestOutput
-from leanserve.params import SamplingParams
+from leanserve.params import Logprob, SamplingParams
 from leanserve.server.metrics import ServerMetrics
 from leanserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
@@ -132,7 +132,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                                      tokenizer()))
         final = await _collect(stream, raw, tracker)
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": _chat_logprobs(o, tokenizer()) if body.logprobs else None,
+                    "logprobs": _chat_logprobs(o.logprobs, tokenizer()) if body.logprobs else None,
                     "finish_reason": o.finish_reason} for o in final.outputs]
         return {"id": request_id, "object": "chat.completion", "created": created,
                 "model": config.served_model_name, "choices": choices, "usage": _usage([final])}
@@ -164,7 +164,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             for o in final.outputs:
                 text = (final.prompt or "") + o.text if body.echo else o.text
                 choices.append({"index": p * body.n + o.index, "text": text,
-                                "logprobs": _completion_logprobs(o, tokenizer()) if body.logprobs is not None
+                                "logprobs": _completion_logprobs(o.logprobs, tokenizer()) if body.logprobs is not None
                                 else None, "finish_reason": o.finish_reason})
         return {"id": request_id, "object": "text_completion", "created": created,
                 "model": config.served_model_name, "choices": choices, "usage": _usage(finals)}
@@ -262,22 +262,22 @@ def _token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def _chat_logprobs(output, tokenizer, start: int = 0) -> dict:
+def _chat_logprobs(logprobs: list[Logprob] | None, tokenizer) -> dict:
     def entry(token_id: int, logprob: float) -> dict:
         text = _token_text(tokenizer, token_id)
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     content = []
-    for lp in (output.logprobs or [])[start:]:
+    for lp in logprobs or []:
         item = entry(lp.token_id, lp.logprob)
         item["top_logprobs"] = [entry(t, v) for t, v in lp.top]
         content.append(item)
     return {"content": content}
 
 
-def _completion_logprobs(output, tokenizer, start: int = 0, offset: int = 0) -> dict:
+def _completion_logprobs(logprobs: list[Logprob] | None, tokenizer, offset: int = 0) -> dict:
     tokens, values, tops, offsets = [], [], [], []
-    for lp in (output.logprobs or [])[start:]:
+    for lp in logprobs or []:
         text = _token_text(tokenizer, lp.token_id)
         tokens.append(text)
         values.append(lp.logprob)
@@ -302,10 +302,8 @@ def _stream_error(output: RequestOutput) -> dict:
 
 
 def _changed(output: RequestOutput):
-    """The choices with news in this output, each with the index of its first new token."""
-    for o in output.outputs:
-        if o.text_delta or o.token_ids_delta or o.finished:
-            yield o, len(o.token_ids) - len(o.token_ids_delta)
+    """The choices with news in this output."""
+    return [o for o in output.outputs if o.text_delta or o.token_ids_delta or o.finished]
 
 
 def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_usage: bool):
@@ -331,8 +329,8 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
                 yield _stream_error(output)
                 return
             choices = [{"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
-                        "logprobs": _chat_logprobs(o, tokenizer, start) if body.logprobs else None,
-                        "finish_reason": o.finish_reason} for o, start in _changed(output)]
+                        "logprobs": _chat_logprobs(o.logprobs_delta, tokenizer) if body.logprobs else None,
+                        "finish_reason": o.finish_reason} for o in _changed(output)]
             if choices:
                 yield chunk(choices)
     if body.include_usage:
@@ -351,11 +349,11 @@ async def _completion_chunks(streams, trackers, request_id, created, model, body
                 yield _stream_error(output)
                 return
             choices = []
-            for o, start in _changed(output):
+            for o in _changed(output):
                 index = p * body.n + o.index
                 logprobs = None
                 if body.logprobs is not None:
-                    logprobs = _completion_logprobs(o, tokenizer, start, offsets.get(index, 0))
+                    logprobs = _completion_logprobs(o.logprobs_delta, tokenizer, offsets.get(index, 0))
                     offsets[index] = offsets.get(index, 0) + sum(len(t) for t in logprobs["tokens"])
                 choices.append({"index": index, "text": o.text_delta, "logprobs": logprobs,
                                 "finish_reason": o.finish_reason})
