@@ -49,6 +49,22 @@ def test_block_manager_allocates_by_block_and_frees():
     bm.check_invariants([r, other])
 
 
+def test_broken_block_bookkeeping_is_named_by_block_and_request():
+    bm = BlockManager(8, 4)
+    r = make_request("r", 6)
+    bm.allocate(r, 6)
+    assert bm.invariant_problems([r]) == []
+    bm.ref_counts[5] = 1                      # referenced by nobody's table, and still on the free list
+    assert bm.invariant_problems([r]) == ["block 5 has 1 references but is held by []",
+                                          "free list and reference counts disagree on blocks [5]"]
+    bm.ref_counts[5] = 0
+    other = make_request("other", 2)
+    other.block_table = [r.block_table[0]]    # held twice, counted once
+    assert bm.invariant_problems([r, other]) == [f"block {r.block_table[0]} has 1 references but is held by [r, other]"]
+    with pytest.raises(AssertionError, match="held by \\[r, other\\]"):
+        bm.check_invariants([r, other])
+
+
 def test_block_manager_rejects_empty_cache():
     with pytest.raises(ValueError, match="at least one block"):
         BlockManager(0, 16)

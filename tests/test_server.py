@@ -92,6 +92,22 @@ def test_completions_n_seed_logprobs_stop(llm):
     assert out["text"] == text[:text.index(stop)] and out["finish_reason"] == "stop"
 
 
+def test_a_streamed_choice_that_finishes_first_reports_its_finish_once(llm):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Go on."}], "max_tokens": 12,
+            "temperature": 1.0, "n": 3, "seed": 11, "ignore_eos": True}
+
+    async def go(extra: dict):
+        async with make_client(llm) as client:
+            return await client.post("/v1/chat/completions", json={**body, **extra})
+    texts = [c["message"]["content"] for c in run(go({})).json()["choices"]]
+    # A stop string only the first choice contains (seeded: each choice samples the same alone or not).
+    stop = next(texts[0][i:i + 3] for i in range(len(texts[0]) - 2) if all(texts[0][i:i + 3] not in t for t in texts[1:]))
+    events = sse_events(run(go({"stream": True, "stop": [stop]})).text)
+    finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
+    assert sorted(finishes) == [(0, "stop"), (1, "length"), (2, "length")]
+    assert finishes[0] == (0, "stop")                    # it ended first, and said so once
+
+
 def test_chat_logprobs_shape(llm):
     async def go():
         async with make_client(llm) as client:

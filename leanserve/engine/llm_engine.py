@@ -124,10 +124,11 @@ class LLMEngine:
         return min(self.max_model_len, len(token_ids) + (params.max_tokens or self.max_model_len))
 
     def abort_request(self, request_id: str) -> None:
-        for request in self.outputs.remove(request_id):
+        removed = self.outputs.remove(request_id)
+        for request in removed:
             if not request.finished:
                 self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
-        if not self.outputs:
+        if removed and not self.outputs:
             self._check_when_idle()
 
     def has_unfinished_requests(self) -> bool:

@@ -130,15 +130,24 @@ class BlockManager:
     def invariant_problems(self, requests: list[Request]) -> list[str]:
         """What is wrong, naming requests and blocks: each block's reference count must equal the number
         of these requests' tables that hold it, the free list hold exactly the unreferenced blocks, and
-        the prefix-cache index point at blocks that hold what it says."""
-        holders: list[list[str]] = [[] for _ in range(self.num_blocks)]
+        the prefix-cache index point at blocks that hold what it says. Its cost grows with the blocks
+        held, not with the cache (but for the index), unless something is wrong."""
+        holders: dict[int, list[str]] = {}
         for request in requests:
             for block in request.block_table:
-                holders[block].append(request.request_id)
-        problems = [f"block {b} has {self.ref_counts[b]} references but is held by [{', '.join(h)}]"
-                    for b, h in enumerate(holders) if len(h) != self.ref_counts[b]]
-        if stray := [b for b in range(self.num_blocks) if (self.ref_counts[b] == 0) != (b in self.free_blocks)]:
-            problems.append(f"free list and reference counts disagree on blocks {stray}")
+                holders.setdefault(block, []).append(request.request_id)
+        problems = []
+        # Counts are never negative: if the held blocks' counts match and sum to all counts, no other
+        # block is referenced; then a free list of the rest's size, holding no held block, is the rest.
+        consistent = (all(self.ref_counts[b] == len(h) for b, h in holders.items())
+                      and sum(self.ref_counts) == sum(len(h) for h in holders.values())
+                      and len(self.free_blocks) == self.num_blocks - len(holders)
+                      and not any(b in self.free_blocks for b in holders))
+        if not consistent:
+            problems += [f"block {b} has {c} references but is held by [{', '.join(holders.get(b, []))}]"
+                         for b, c in enumerate(self.ref_counts) if c != len(holders.get(b, []))]
+            if stray := [b for b, c in enumerate(self.ref_counts) if (c == 0) != (b in self.free_blocks)]:
+                problems.append(f"free list and reference counts disagree on blocks {stray}")
         if stale := sorted(b for h, b in self.cached.items() if self.block_content.get(b, (None,))[0] != h):
             problems.append(f"prefix cache index is stale for blocks {stale}")
         return problems

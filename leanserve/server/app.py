@@ -301,9 +301,13 @@ def _stream_error(output: RequestOutput) -> dict:
     return APIError(500, f"the request failed inside the engine: {output.error}", "server_error").body()
 
 
-def _changed(output: RequestOutput):
-    """The choices with news in this output."""
-    return [o for o in output.outputs if o.text_delta or o.token_ids_delta or o.finished]
+def _changed(output: RequestOutput, finished: set[int]) -> list:
+    """The choices with news in this output: new text or tokens, or their finish (once: `finished` holds
+    the indices whose finish was sent)."""
+    changed = [o for o in output.outputs
+               if o.text_delta or o.token_ids_delta or (o.finished and o.index not in finished)]
+    finished.update(o.index for o in output.outputs if o.finished)
+    return changed
 
 
 def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_usage: bool):
@@ -320,7 +324,7 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
     chunk = _chunk_maker(request_id, "chat.completion.chunk", created, model, body.include_usage)
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(body.n)])
-    final = None
+    final, finished = None, set()
     async with _closing(stream):
         async for output in stream:
             tracker.progress(output)
@@ -330,7 +334,7 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
                 return
             choices = [{"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
                         "logprobs": _chat_logprobs(o.logprobs_delta, tokenizer) if body.logprobs else None,
-                        "finish_reason": o.finish_reason} for o in _changed(output)]
+                        "finish_reason": o.finish_reason} for o in _changed(output, finished)]
             if choices:
                 yield chunk(choices)
     if body.include_usage:
@@ -341,6 +345,7 @@ async def _completion_chunks(streams, trackers, request_id, created, model, body
     chunk = _chunk_maker(request_id, "text_completion", created, model, body.include_usage)
     finals: list[RequestOutput | None] = [None] * len(streams)
     offsets: dict[int, int] = {}
+    finished: list[set[int]] = [set() for _ in streams]
     async with _closing(_merge(streams)) as merged:
         async for p, output in merged:
             trackers[p].progress(output)
@@ -349,7 +354,7 @@ async def _completion_chunks(streams, trackers, request_id, created, model, body
                 yield _stream_error(output)
                 return
             choices = []
-            for o in _changed(output):
+            for o in _changed(output, finished[p]):
                 index = p * body.n + o.index
                 logprobs = None
                 if body.logprobs is not None:
