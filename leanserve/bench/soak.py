@@ -2,7 +2,7 @@
 
 Starts `leanserve serve` with a small `--max-queued-requests` and sends `--requests` requests, `--concurrency`
 at a time to a server running few sequences at once (so requests queue, and bursts past the queue limit get
-429), each drawn from a seeded mix: chat and
+429, which the client retries after a pause as clients do), each drawn from a seeded mix: chat and
 completions, streamed and not, `n` up to 4, stop strings, clients that disconnect mid-stream, and invalid
 bodies. Reports anonymous resident memory (RssAnon) after a warm-up and at the end, its growth per request,
 the KV-cache blocks still in use (must be 0), requests lost (no complete answer and no error: must be 0) and
@@ -79,6 +79,17 @@ def make_request(rng: random.Random, max_tokens: int) -> dict:
             "stream": stream}
 
 
+async def send_retrying(client: httpx.AsyncClient, request: dict, rng: random.Random, refusals: Counter) -> str:
+    """Send one request as a client does that honours 429's Retry-After (up to 1 s here), up to 20 times."""
+    for _ in range(20):
+        outcome = await send(client, request, rng)
+        if outcome != "429":
+            return outcome
+        refusals["429"] += 1
+        await asyncio.sleep(rng.uniform(0.1, 1.0))
+    return "429 20 times"
+
+
 async def send(client: httpx.AsyncClient, request: dict, rng: random.Random) -> str:
     """Send one request; its outcome: 'ok', '4xx', '429', 'disconnected', '5xx' or 'lost: why'."""
     url = f"/v1/{'chat/completions' if request['endpoint'] == 'chat' else 'completions'}"
@@ -123,7 +134,8 @@ def _judge(status: int, request: dict, answer: dict | None) -> str:
     return "ok"
 
 
-async def run_mix(base: str, count: int, concurrency: int, max_tokens: int, seed: int, on_done) -> Counter:
+async def run_mix(base: str, count: int, concurrency: int, max_tokens: int, seed: int, on_done,
+                  refusals: Counter) -> Counter:
     rng = random.Random(seed)
     requests = [make_request(rng, max_tokens) for _ in range(count)]
     outcomes: Counter = Counter()
@@ -131,7 +143,7 @@ async def run_mix(base: str, count: int, concurrency: int, max_tokens: int, seed
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         async def one(i: int, request: dict) -> None:
             async with semaphore:
-                outcome = await send(client, request, random.Random(seed + i))
+                outcome = await send_retrying(client, request, random.Random(seed + i), refusals)
             outcomes[outcome] += 1
             on_done(sum(outcomes.values()))
         await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
@@ -142,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     wait_port_free(args.port)
     command = [sys.executable, "-m", "leanserve.cli", "serve", args.model, "--port", str(args.port),
                "--max-num-seqs", str(args.max_num_seqs), "--max-queued-requests", str(args.max_queued_requests),
+               "--kv-cache-tokens", str(args.kv_cache_tokens),
                "--log-level", "warning"]
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{args.port}"
@@ -155,8 +168,9 @@ def run(args: argparse.Namespace) -> int:
             if done % 100 == 0:
                 print(f"{done} of {args.requests} requests", flush=True)
 
-        start = time.perf_counter()
-        outcomes = asyncio.run(run_mix(base, args.requests, args.concurrency, args.max_tokens, args.seed, progress))
+        start, refusals = time.perf_counter(), Counter()
+        outcomes = asyncio.run(run_mix(base, args.requests, args.concurrency, args.max_tokens, args.seed, progress,
+                                       refusals))
         elapsed = time.perf_counter() - start
         wait_idle(base)
         memory["end"] = rss_anon_bytes(process.pid)
@@ -166,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     lost = sum(n for outcome, n in outcomes.items() if outcome.startswith("lost"))
     growth = (memory["end"] - memory["warm"]) / max(1, args.requests - args.warmup)
     print(f"\n{args.requests} requests in {elapsed:.0f} s, {args.concurrency} at a time, "
-          f"--max-queued-requests {args.max_queued_requests}: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())))
+          f"--max-queued-requests {args.max_queued_requests}: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+          + f"; {refusals['429']} answers 429 on the way (each retried after a pause)")
     print(f"RssAnon: {memory['start'] / 2**20:.1f} MiB at start, {memory['warm'] / 2**20:.1f} MiB after "
           f"{args.warmup} requests, {memory['end'] / 2**20:.1f} MiB at the end: {growth:.0f} bytes per request after "
           f"the warm-up (target < {args.max_growth})")
@@ -184,6 +199,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=24, help="requests in flight")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="the server's; few, so that requests queue")
     parser.add_argument("--max-queued-requests", type=int, default=8, help="the server's; bursts past it get 429")
+    parser.add_argument("--kv-cache-tokens", type=int, default=4096,
+                        help="the server's; small, so that the warm-up touches all of the cache's pages (it is "
+                             "allocated untouched, and its pages count in RssAnon as blocks are first used)")
     parser.add_argument("--max-tokens", type=int, default=24, help="each request's max_tokens is drawn from 1..this")
     parser.add_argument("--max-growth", type=int, default=2048, help="bytes of RssAnon growth per request allowed")
     parser.add_argument("--port", type=int, default=8093)
