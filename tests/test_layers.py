@@ -53,7 +53,8 @@ def test_no_layer_imports_what_it_must_not_know():
 def test_the_check_sees_a_forbidden_import(tmp_path, monkeypatch):
     fake = tmp_path / "leanserve"
     (fake / "scheduler").mkdir(parents=True)
-    (fake / "scheduler" / "bad.py").write_text("import os\n\ndef f():\n    from ..engine import llm\n    import torch.nn\n")
+    (fake / "scheduler" / "bad.py").write_text(
+        "import os\n\ndef f():\n    from ..engine import llm\n    import torch.nn\n")
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", fake)
     assert forbidden_edges() == ["leanserve/scheduler/bad.py:4 imports leanserve.engine (scheduler may not)",
                                  "leanserve/scheduler/bad.py:5 imports torch.nn (scheduler may not)"]

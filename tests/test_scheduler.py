@@ -375,7 +375,8 @@ def test_prefix_hits_are_exactly_the_computed_blocks_a_prompt_starts_with(arriva
     for step in range(2000):
         while pending and pending[0][0] <= step:
             _, family, length, max_tokens = pending.pop(0)
-            r = Request(f"r{len(requests)}", [100 * family + j for j in range(length)], SamplingParams(max_tokens=max_tokens))
+            r = Request(f"r{len(requests)}", [100 * family + j for j in range(length)],
+                        SamplingParams(max_tokens=max_tokens))
             s.add(r, length + max_tokens)
             requests.append(r)
         before = {id(r) for r in s.running}

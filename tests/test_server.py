@@ -101,7 +101,8 @@ def test_a_streamed_choice_that_finishes_first_reports_its_finish_once(llm):
             return await client.post("/v1/chat/completions", json={**body, **extra})
     texts = [c["message"]["content"] for c in run(go({})).json()["choices"]]
     # A stop string only the first choice contains (seeded: each choice samples the same alone or not).
-    stop = next(texts[0][i:i + 3] for i in range(len(texts[0]) - 2) if all(texts[0][i:i + 3] not in t for t in texts[1:]))
+    stop = next(texts[0][i:i + 3] for i in range(len(texts[0]) - 2)
+                if all(texts[0][i:i + 3] not in t for t in texts[1:]))
     events = sse_events(run(go({"stream": True, "stop": [stop]})).text)
     finishes = [(c["index"], c["finish_reason"]) for e in events for c in e["choices"] if c["finish_reason"]]
     assert sorted(finishes) == [(0, "stop"), (1, "length"), (2, "length")]

@@ -63,8 +63,8 @@ def make_request(rng: random.Random, max_tokens: int) -> dict:
         body, endpoint = rng.choice(INVALID)
         return {"kind": kind, "endpoint": endpoint, "raw": body, "stream": False}
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 60)))
-    body = {"max_tokens": rng.randint(1, max_tokens), "temperature": rng.choice([0.0, 0.7, 1.0]), "n": rng.choice([1, 1, 2, 4]),
-            "seed": rng.randint(0, 2**31)}
+    body = {"max_tokens": rng.randint(1, max_tokens), "temperature": rng.choice([0.0, 0.7, 1.0]),
+            "n": rng.choice([1, 1, 2, 4]), "seed": rng.randint(0, 2**31)}
     if rng.random() < 0.3:
         body["stop"] = rng.sample(WORDS, 2)
     if kind == "completions":
@@ -80,7 +80,8 @@ def make_request(rng: random.Random, max_tokens: int) -> dict:
 
 
 async def send_retrying(client: httpx.AsyncClient, request: dict, rng: random.Random, refusals: Counter) -> str:
-    """Send one request as a client does that honours 429's Retry-After (up to 1 s here), up to 20 times."""
+    """Send one request, retrying a 429 after a pause of up to a second (the server's Retry-After is 1 s), up
+    to 20 times."""
     for _ in range(20):
         outcome = await send(client, request, rng)
         if outcome != "429":
@@ -180,7 +181,8 @@ def run(args: argparse.Namespace) -> int:
     lost = sum(n for outcome, n in outcomes.items() if outcome.startswith("lost"))
     growth = (memory["end"] - memory["warm"]) / max(1, args.requests - args.warmup)
     print(f"\n{args.requests} requests in {elapsed:.0f} s, {args.concurrency} at a time, "
-          f"--max-queued-requests {args.max_queued_requests}: " + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+          f"--max-queued-requests {args.max_queued_requests}: "
+          + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
           + f"; {refusals['429']} answers 429 on the way (each retried after a pause)")
     print(f"RssAnon: {memory['start'] / 2**20:.1f} MiB at start, {memory['warm'] / 2**20:.1f} MiB after "
           f"{args.warmup} requests, {memory['end'] / 2**20:.1f} MiB at the end: {growth:.0f} bytes per request after "

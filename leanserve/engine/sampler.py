@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanserve.params import SamplingParams
-from leanserve.params import Logprob
+from leanserve.params import Logprob, SamplingParams
 from leanserve.scheduler.request import Request
 
 

@@ -1,7 +1,7 @@
 """One object per request: everything the scheduler, block manager, runner and
 sampler need to know about it. The others only read it or advance its counters.
 What only the engine needs (the detokenizer, a seeded request's random generator)
-lives on the engine side (llm_engine.py)."""
+lives on the engine side (engine/output_processor.py)."""
 from __future__ import annotations
 
 import enum
