@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from leanserve.engine.async_llm import AsyncLLM
 from leanserve.engine.engine_config import EngineConfig
 from leanserve.server.app import ServerConfig, create_app
+from leanserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MODEL = "tiny"
 
@@ -133,6 +134,34 @@ def test_models_health_tokenize_detokenize(llm):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert tokens["count"] == len(tokens["tokens"]) > 0 and text["prompt"] == "Hello world"
     assert chat["count"] > 10 and docs.status_code == 200
+
+
+@pytest.mark.parametrize("field,value,param", [
+    ("logit_bias", {"42": -100}, "logit_bias"),
+    ("response_format", {"type": "json_object"}, "response_format"),
+    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+    ("messages", [{"role": "user", "content": "x", "tool_call_id": "1"}], "messages.0.tool_call_id"),
+])
+def test_a_field_the_server_does_not_implement_is_a_400_naming_it(llm, field, value, param):
+    body = {**chat_body(), field: value}
+
+    async def go():
+        async with make_client(llm) as client:
+            return await client.post("/v1/chat/completions", json=body)
+    response = run(go())
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param and repr(param) in error["message"], error
+
+
+def test_fields_that_mean_nothing_for_generation_are_accepted():
+    ignored = {"user": "u-1", "metadata": {"team": "a"}, "store": False, "service_tier": "auto"}
+    plain = ChatCompletionRequest(**chat_body())
+    with_them = ChatCompletionRequest(**chat_body(**ignored))
+    assert with_them.sampling_params(12, None) == plain.sampling_params(12, None)
+    assert CompletionRequest(prompt="x", **ignored).sampling_params(16, None) == CompletionRequest(
+        prompt="x").sampling_params(16, None)
 
 
 @pytest.mark.parametrize("body,status,param", [

@@ -77,6 +77,8 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         message = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             message = "the request body is not valid JSON"
+        elif first.get("type") == "extra_forbidden":
+            message = f"this server does not support the field {where!r}"
         return APIError(400, f"{message}" + (f" (at {where})" if where else ""), param=where).response()
 
     def tokenizer():

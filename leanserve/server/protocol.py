@@ -1,4 +1,7 @@
-"""OpenAI API request bodies (pydantic). Unknown fields are ignored, as OpenAI's API does."""
+"""OpenAI API request bodies (pydantic).
+
+No field is silently ignored: a field this server does not implement is a 400 that names it. The fields that
+carry no meaning for generation (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored."""
 from __future__ import annotations
 
 from typing import Literal
@@ -9,7 +12,7 @@ from leanserve.params import SamplingParams
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
 
 class StreamOptions(_Body):
@@ -33,8 +36,12 @@ class _SamplingFields(_Body):
     min_tokens: int = Field(default=0, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None
     priority: int = 0
+    # Accepted and ignored: they change nothing in what is generated.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
 
     @field_validator("stop")
     @classmethod
