@@ -25,7 +25,7 @@ def llm(tiny_hf_dir):
 
 
 def make_client(llm, **config) -> httpx.AsyncClient:
-    app = create_app(llm, ServerConfig(served_model_name=MODEL, **config))
+    app = create_app(llm, ServerConfig(served_model_names=config.pop("names", [MODEL]), **config))
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60)
 
 
@@ -134,6 +134,21 @@ def test_models_health_tokenize_detokenize(llm):
     assert health.status_code == 200 and health.json() == {"status": "ok"}
     assert tokens["count"] == len(tokens["tokens"]) > 0 and text["prompt"] == "Hello world"
     assert chat["count"] > 10 and docs.status_code == 200
+
+
+def test_several_served_model_names(llm):
+    async def go():
+        async with make_client(llm, names=[MODEL, "alias"]) as client:
+            models = (await client.get("/v1/models")).json()
+            by_alias = (await client.post("/v1/chat/completions", json=chat_body(model="alias"))).json()
+            unnamed = (await client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})).json()
+            unknown = await client.post("/v1/completions", json={"model": "other", "prompt": "x"})
+            return models, by_alias, unnamed, unknown
+    models, by_alias, unnamed, unknown = run(go())
+    assert [m["id"] for m in models["data"]] == [MODEL, "alias"]
+    assert by_alias["model"] == "alias" and by_alias["choices"][0]["message"]["content"] is not None
+    assert unnamed["model"] == MODEL
+    assert unknown.status_code == 404 and f"'{MODEL}', 'alias'" in unknown.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("field,value,param", [

@@ -42,7 +42,7 @@ class APIError(Exception):
 
 @dataclass
 class ServerConfig:
-    served_model_name: str
+    served_model_names: list[str]           # what clients may send as `model`; the first names it in metrics
     api_key: str | None = None
     max_queued_requests: int | None = None
     max_body_bytes: int = 4 * 1024 * 1024
@@ -57,7 +57,7 @@ class ServerState:
 def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="LeanServe", description="OpenAI-compatible LLM inference server")
     state = ServerState()
-    metrics = ServerMetrics(llm, config.served_model_name)
+    metrics = ServerMetrics(llm, config.served_model_names[0])
     app.state.server = state
     app.state.metrics = metrics
     app.add_middleware(_Gate, config=config, state=state, metrics=metrics)
@@ -90,12 +90,17 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         if not llm.alive:
             raise APIError(503, "the model is not loaded or the engine is not running", "server_error",
                            code="service_unavailable")
-        if model is not None and model != config.served_model_name:
-            raise APIError(404, f"the model '{model}' does not exist; this server serves "
-                                f"'{config.served_model_name}'", param="model", code="model_not_found")
+        if model is not None and model not in config.served_model_names:
+            served = ", ".join(f"'{name}'" for name in config.served_model_names)
+            raise APIError(404, f"the model '{model}' does not exist; this server serves {served}", param="model",
+                           code="model_not_found")
         if config.max_queued_requests is not None and llm.num_waiting >= config.max_queued_requests:
             raise APIError(429, f"too many requests waiting ({llm.num_waiting}); retry shortly",
                            "rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"})
+
+    def answered_as(model: str | None) -> str:
+        """The model name a response carries: the one the request used, or the first served name."""
+        return model or config.served_model_names[0]
 
     async def submit(request_id: str, token_ids: list[int], params: SamplingParams, text: str | None,
                      priority: int) -> AsyncIterator[RequestOutput]:
@@ -130,14 +135,14 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         stream = await submit(request_id, token_ids, params, text, body.priority)
         created = int(time.time())
         if body.stream:
-            return _sse(_chat_chunks(stream, request_id, created, config.served_model_name, body, tracker,
+            return _sse(_chat_chunks(stream, request_id, created, answered_as(body.model), body, tracker,
                                      tokenizer()))
         final = await _collect(stream, raw, tracker)
         choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
                     "logprobs": _chat_logprobs(o.logprobs, tokenizer()) if body.logprobs else None,
                     "finish_reason": o.finish_reason} for o in final.outputs]
         return {"id": request_id, "object": "chat.completion", "created": created,
-                "model": config.served_model_name, "choices": choices, "usage": _usage([final])}
+                "model": answered_as(body.model), "choices": choices, "usage": _usage([final])}
 
     # ---- completions ---------------------------------------------------------------------------
 
@@ -158,7 +163,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         trackers = [metrics.track(len(ids)) for _, ids in prompts]
         created = int(time.time())
         if body.stream:
-            return _sse(_completion_chunks(streams, trackers, request_id, created, config.served_model_name,
+            return _sse(_completion_chunks(streams, trackers, request_id, created, answered_as(body.model),
                                            body, tokenizer()))
         finals = await asyncio.gather(*(_collect(s, raw, t) for s, t in zip(streams, trackers)))
         choices = []
@@ -169,7 +174,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
                                 "logprobs": _completion_logprobs(o.logprobs, tokenizer()) if body.logprobs is not None
                                 else None, "finish_reason": o.finish_reason})
         return {"id": request_id, "object": "text_completion", "created": created,
-                "model": config.served_model_name, "choices": choices, "usage": _usage(finals)}
+                "model": answered_as(body.model), "choices": choices, "usage": _usage(finals)}
 
     # ---- the rest ------------------------------------------------------------------------------
 
@@ -178,8 +183,8 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         if not llm.alive:
             raise APIError(503, "the model is not loaded", "server_error", code="service_unavailable")
         return {"object": "list", "data": [{
-            "id": config.served_model_name, "object": "model", "created": int(llm.started_at),
-            "owned_by": "leanserve", "root": llm.config.model, "max_model_len": llm.engine.max_model_len}]}
+            "id": name, "object": "model", "created": int(llm.started_at), "owned_by": "leanserve",
+            "root": llm.config.model, "max_model_len": llm.engine.max_model_len} for name in config.served_model_names]}
 
     @app.get("/health")
     async def health():

@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("host", default="127.0.0.1", help="address to listen on")
     option("port", int, 8000, help="port to listen on")
     option("api-key", help="require 'Authorization: Bearer KEY' on the API (not on /health or /metrics)")
-    option("served-model-name", help="the model name clients send (default: MODEL)")
+    parser.add_argument("--served-model-name", nargs="+", default=(_env("served-model-name") or "").split() or None,
+                        help="the model names clients may send; /v1/models lists them all (default: MODEL) "
+                             "[env LEANSERVE_SERVED_MODEL_NAME, names separated by spaces]")
     option("dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
     option("quantization", choices=list(QUANTIZATION_CHOICES),
            help="weight format: int8, int4, llm_int8 or float (default: the checkpoint's, int4 for a Q4 GGUF file)")
@@ -121,14 +123,14 @@ def run(args: argparse.Namespace) -> int:
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     llm = AsyncLLM(config)
     llm.start()
-    name = args.served_model_name or args.model
-    app = create_app(llm, ServerConfig(served_model_name=name, api_key=args.api_key,
+    names = args.served_model_name or [args.model]
+    app = create_app(llm, ServerConfig(served_model_names=names, api_key=args.api_key,
                                        max_queued_requests=args.max_queued_requests,
                                        max_body_bytes=args.max_body_bytes))
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                                            log_level=args.log_level, access_log=False),
                             llm, app.state.server, args.shutdown_timeout)
-    log.info("listening", extra={"host": args.host, "port": args.port, "model": name,
+    log.info("listening", extra={"host": args.host, "port": args.port, "model": names[0],
                                  "auth": bool(args.api_key)})
     server.run()
     llm.stop()
