@@ -149,12 +149,16 @@ class LLMEngine:
             for request in self.outputs.fail(batch.requests, f"{type(e).__name__}: {e}"):
                 if not request.finished:
                     self.scheduler.finish(request, RequestStatus.FINISHED_ERROR)
-            return self.outputs.reports()
+            return self._reports()
         self.scheduler.advance(batch)
         for request, token_id, logprob in zip(sampling, sampled.token_ids, sampled.logprobs):
             status = self.outputs.append(request, token_id, logprob)
             if status is not None:
                 self.scheduler.finish(request, status)
+        return self._reports()
+
+    def _reports(self) -> list[RequestOutput]:
+        """This step's reports; once the last request is reported, the idle check."""
         reports = self.outputs.reports()
         if not self.outputs:
             self._check_when_idle()
