@@ -2,8 +2,9 @@
 
 Every YAML/JSON file under deploy/ and the Dockerfile are parsed, and the fields that tie them together are
 checked: ports, probe paths, the drain budget, the autoscaler's metric, the metric names in the dashboard and
-the adapter rules, the install order in the image. Each check is a function of the parsed files, so the
-second half of this module breaks one field at a time and asserts that the check catches it.
+the adapter rules, the install order in the image, the InferencePool and the metrics its endpoint picker reads.
+Each check is a function of the parsed files, so the second half of this module breaks one field at a time and
+asserts that the check catches it.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
 ADAPTER_RULES = K8S / "prometheus-adapter-rules.yaml"
+BASE = "deploy/kubernetes"                       # the base kustomization's files
+GIE = "deploy/kubernetes/inference-extension"    # InferencePool and endpoint picker, applied beside the base
 DEFAULT_SHUTDOWN_TIMEOUT = 30.0     # `leanserve serve --shutdown-timeout` default
 GRACE_MARGIN = 5                    # seconds left for the process to exit after the drain
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -58,14 +61,15 @@ def one_doc(cfg: dict, rel: str):
     return docs[0]
 
 
-def k8s_objects(cfg: dict) -> list[tuple[str, dict]]:
-    return [(rel, doc) for rel, docs in cfg["yaml"].items() if rel.startswith("deploy/kubernetes/")
+def k8s_objects(cfg: dict, folder: str = BASE) -> list[tuple[str, dict]]:
+    """The Kubernetes objects in the files of one folder (not its subfolders)."""
+    return [(rel, doc) for rel, docs in cfg["yaml"].items() if Path(rel).parent.as_posix() == folder
             for doc in docs if isinstance(doc, dict) and "kind" in doc and "apiVersion" in doc]
 
 
-def k8s_object(cfg: dict, kind: str) -> dict:
-    found = [doc for _, doc in k8s_objects(cfg) if doc["kind"] == kind]
-    assert len(found) == 1, f"expected exactly one {kind} under deploy/kubernetes, found {len(found)}"
+def k8s_object(cfg: dict, kind: str, folder: str = BASE) -> dict:
+    found = [doc for _, doc in k8s_objects(cfg, folder) if doc["kind"] == kind]
+    assert len(found) == 1, f"expected exactly one {kind} in {folder}, found {len(found)}"
     return found[0]
 
 
@@ -234,9 +238,9 @@ def container_port(cfg: dict) -> int:
     return int(ports[0]["containerPort"])
 
 
-def resolve_port(cfg: dict, ref) -> int:
-    """A port given by name or number in a probe or Service, as the container's port number."""
-    ports = server_container(cfg).get("ports", [])
+def resolve_port(cfg: dict, ref, container: dict | None = None) -> int:
+    """A port given by name or number in a probe or Service, as the (server) container's port number."""
+    ports = (container or server_container(cfg)).get("ports", [])
     if isinstance(ref, str) and not ref.isdigit():
         named = [p for p in ports if p.get("name") == ref]
         assert named, f"no container port named {ref!r}"
@@ -387,12 +391,148 @@ def check_hpa(cfg: dict) -> None:
 
 
 def check_kustomization(cfg: dict) -> None:
-    kustomization = one_doc(cfg, "deploy/kubernetes/kustomization.yaml")
-    listed = set(kustomization["resources"])
-    for name in listed:
-        assert (K8S / name).is_file(), f"kustomization lists missing {name}"
-    objects = {Path(rel).name for rel, doc in k8s_objects(cfg) if doc["kind"] != "Kustomization"}
-    assert objects == listed, f"kustomization resources {sorted(listed)} != object files {sorted(objects)}"
+    # Each lists exactly the object files of its own folder: the base never pulls in the inference extension
+    # (its CRD is not in every cluster), and the extension cannot list ../ (kustomize refuses the cycle).
+    for folder in (BASE, GIE):
+        kustomization = one_doc(cfg, f"{folder}/kustomization.yaml")
+        listed = set(kustomization["resources"])
+        for name in listed:
+            assert (ROOT / folder / name).is_file(), f"{folder}/kustomization.yaml lists missing {name}"
+        objects = {Path(rel).name for rel, doc in k8s_objects(cfg, folder) if doc["kind"] != "Kustomization"}
+        assert objects == listed, f"{folder}: resources {sorted(listed)} != object files {sorted(objects)}"
+
+
+# ---- the Gateway API Inference Extension: InferencePool and endpoint picker ------------------------------------
+
+POOL_GROUP = "inference.networking.k8s.io"
+# The picker's built-in metric names for vLLM, used when its config does not spell them out
+# (llm-d/llm-d-router pkg/epp/framework/plugins/datalayer/extractor/metrics/factories.go).
+EPP_VLLM_DEFAULTS = {"name": "vllm", "queuedRequestsSpec": "vllm:num_requests_waiting",
+                     "runningRequestsSpec": "vllm:num_requests_running", "kvUsageSpec": "vllm:kv_cache_usage_perc",
+                     "loraSpec": "vllm:lora_requests_info", "cacheInfoSpec": "vllm:cache_config_info"}
+EPP_METRIC_FIELDS = ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec", "cacheInfoSpec")
+CACHE_INFO_LABELS = {"block_size", "num_gpu_blocks"}     # the labels of the server's cache_config_info
+
+
+def matches_labels(labels: dict, selector: dict) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def pod_labels(cfg: dict, folder: str = BASE) -> dict:
+    return k8s_object(cfg, "Deployment", folder)["spec"]["template"]["metadata"]["labels"]
+
+
+def epp_container(cfg: dict) -> dict:
+    containers = k8s_object(cfg, "Deployment", GIE)["spec"]["template"]["spec"]["containers"]
+    found = [c for c in containers if c["name"] == "epp"]
+    assert len(found) == 1, "the endpoint picker's Deployment needs one container named epp"
+    return found[0]
+
+
+def epp_flags(cfg: dict) -> dict[str, str]:
+    """The picker's flags, given as `--name value` or `--name=value`."""
+    args, flags = [str(a) for a in epp_container(cfg).get("args", [])], {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, eq, value = arg[2:].partition("=")
+            following = args[i + 1] if i + 1 < len(args) and not args[i + 1].startswith("--") else "true"
+            flags[name] = value if eq else following
+    return flags
+
+
+def epp_config(cfg: dict) -> dict:
+    """The EndpointPickerConfig that --config-file names, from the ConfigMap mounted there."""
+    path = Path(epp_flags(cfg).get("config-file", ""))
+    mounts = [m for m in epp_container(cfg).get("volumeMounts", []) if Path(m["mountPath"]) == path.parent]
+    assert mounts, f"--config-file {path}: no volume is mounted at {path.parent}"
+    volumes = {v["name"]: v for v in k8s_object(cfg, "Deployment", GIE)["spec"]["template"]["spec"]["volumes"]}
+    source = volumes.get(mounts[0]["name"], {}).get("configMap", {}).get("name")
+    configmap = k8s_object(cfg, "ConfigMap", GIE)
+    assert source == configmap["metadata"]["name"], f"{path.parent} is not the ConfigMap in {GIE}"
+    assert path.name in configmap.get("data", {}), f"the ConfigMap has no key {path.name}"
+    doc = yaml.safe_load(configmap["data"][path.name])
+    assert doc["kind"] == "EndpointPickerConfig", doc.get("kind")
+    return doc
+
+
+def check_inference_pool(cfg: dict) -> None:
+    pool, service = k8s_object(cfg, "InferencePool", GIE), k8s_object(cfg, "Service", GIE)
+    assert pool["apiVersion"] == f"{POOL_GROUP}/v1", pool["apiVersion"]
+    spec, server_pods, epp_pods = pool["spec"], pod_labels(cfg), pod_labels(cfg, GIE)
+    assert matches_labels(server_pods, spec["selector"]["matchLabels"]), "the InferencePool misses the server pods"
+    assert not matches_labels(epp_pods, spec["selector"]["matchLabels"]), "the InferencePool selects the picker"
+    assert [p["number"] for p in spec["targetPorts"]] == [container_port(cfg)], "targetPorts != container port"
+    ref = spec["endpointPickerRef"]
+    assert ref.get("kind", "Service") == "Service" and ref["name"] == service["metadata"]["name"], \
+        "endpointPickerRef does not name the picker's Service"
+    ports = [p for p in service["spec"]["ports"] if p["port"] == ref["port"]["number"]]
+    assert ports, f"the picker's Service has no port {ref['port']['number']}"
+    grpc = int(epp_flags(cfg).get("grpc-port", 9002))
+    assert resolve_port(cfg, ports[0].get("targetPort", ports[0]["port"]), epp_container(cfg)) == grpc, \
+        "endpointPickerRef's port does not reach the picker's ext-proc port"
+    assert matches_labels(epp_pods, service["spec"]["selector"]), "the picker's Service misses its pods"
+    route = k8s_object(cfg, "HTTPRoute", GIE)
+    backends = [b for rule in route["spec"]["rules"] for b in rule["backendRefs"]]
+    assert backends and all((b.get("group"), b.get("kind"), b["name"]) == (POOL_GROUP, "InferencePool",
+                                                                          pool["metadata"]["name"])
+                            for b in backends), "the HTTPRoute must send its traffic to the InferencePool"
+
+
+def check_epp(cfg: dict) -> None:
+    flags, pool, container = epp_flags(cfg), k8s_object(cfg, "InferencePool", GIE), epp_container(cfg)
+    assert flags.get("pool-name") == pool["metadata"]["name"], "--pool-name does not name the InferencePool"
+    assert flags.get("pool-group", POOL_GROUP) == POOL_GROUP, "--pool-group is not the InferencePool's group"
+    env = {e["name"]: e for e in container.get("env", [])}
+    assert "pool-namespace" in flags or env.get("NAMESPACE", {}).get("valueFrom", {}).get("fieldRef", {}).get(
+        "fieldPath") == "metadata.namespace", "without --pool-namespace the picker needs NAMESPACE"
+    epp_config(cfg)
+    health = int(flags.get("grpc-health-port", 9003))
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert resolve_port(cfg, container[probe]["grpc"]["port"], container) == health, f"{probe} port"
+    account = k8s_object(cfg, "ServiceAccount", GIE)["metadata"]["name"]
+    assert k8s_object(cfg, "Deployment", GIE)["spec"]["template"]["spec"].get("serviceAccountName") == account, \
+        f"the picker does not run as {account}"
+    role, binding = k8s_object(cfg, "Role", GIE), k8s_object(cfg, "RoleBinding", GIE)
+    assert (binding["roleRef"]["kind"], binding["roleRef"]["name"]) == ("Role", role["metadata"]["name"]), \
+        "the RoleBinding does not bind the Role"
+    assert {"kind": "ServiceAccount", "name": account} in binding["subjects"], "the RoleBinding misses the account"
+
+    def granted(group: str, resource: str) -> bool:
+        return any(group in r["apiGroups"] and resource in r["resources"]
+                   and {"get", "list", "watch"} <= set(r["verbs"]) for r in role["rules"])
+
+    assert granted(POOL_GROUP, "inferencepools") and granted("", "pods"), "the picker must watch its pool and pods"
+    # With auth on, its /metrics reviews tokens: that takes a ClusterRole this folder does not have.
+    assert flags.get("metrics-endpoint-auth", "true") == "false" or any(
+        kind == "ClusterRole" for kind in (d["kind"] for _, d in k8s_objects(cfg, GIE))), \
+        "--metrics-endpoint-auth needs a ClusterRole for token and access reviews"
+
+
+def check_epp_metrics(cfg: dict) -> None:
+    """What the picker reads from each pod's /metrics is there, under those names, on the server's port."""
+    plugins = epp_config(cfg)["plugins"]
+    sources = [p.get("parameters") or {} for p in plugins if p["type"] == "metrics-data-source"]
+    for source in sources:
+        assert (source.get("scheme", "http"), source.get("path", "/metrics")) == ("http", "/metrics"), \
+            "the picker must scrape http://<pod>/metrics"
+        assert source.get("port", container_port(cfg)) == container_port(cfg), "the picker scrapes another port"
+    extractors = [p.get("parameters") or {} for p in plugins if p["type"] == "core-metrics-extractor"]
+    assert len(extractors) <= 1, "more than one core-metrics-extractor"
+    params = extractors[0] if extractors else {}
+    default = params.get("defaultEngine", "vllm")
+    engines = {"vllm": EPP_VLLM_DEFAULTS, **{e["name"]: e for e in params.get("engineConfigs", [])}}
+    assert default in engines, f"the picker's default engine {default!r} has no metric names here"
+    engine = engines[default]
+    used = {field: engine.get(field, "") for field in EPP_METRIC_FIELDS}
+    used.update({f: v for f, v in epp_flags(cfg).items() if f.endswith("-metric")})   # deprecated flags
+    for field in ("queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec"):
+        assert used[field], f"{field} is empty: the picker would not route on it"
+    for field, spec in used.items():
+        name = spec.split("{")[0].strip()
+        assert not name or name in METRIC_NAMES, f"the picker reads {name} ({field}); the server does not export it"
+    labels = {engine.get("cacheBlockSizeLabelName") or "block_size", engine.get("cacheNumBlocksLabelName") or
+              "num_gpu_blocks"}
+    assert labels == CACHE_INFO_LABELS, f"the picker reads cache info labels {sorted(labels)}"
 
 
 # ---- docker compose, Prometheus, Grafana -----------------------------------------------------------------------
@@ -561,8 +701,8 @@ def walk_datasources(node):
 
 CHECKS = [check_dockerfile_stages, check_dockerfile_install_order, check_dockerfile_runtime, check_k8s_ports,
           check_k8s_selectors, check_k8s_probes, check_k8s_resources, check_k8s_graceful_shutdown,
-          check_adapter_rules, check_hpa, check_kustomization, check_compose_server, check_prometheus_scrape,
-          check_dashboard_metrics, check_grafana_provisioning]
+          check_adapter_rules, check_hpa, check_kustomization, check_inference_pool, check_epp, check_epp_metrics,
+          check_compose_server, check_prometheus_scrape, check_dashboard_metrics, check_grafana_provisioning]
 
 
 # ---- the checks on the files as they are ----------------------------------------------------------------------
@@ -575,7 +715,9 @@ def test_every_deploy_file_parses(cfg):
                 "deploy/grafana/provisioning/datasources/prometheus.yml",
                 "deploy/grafana/provisioning/dashboards/dashboards.yml",
                 *(f"deploy/kubernetes/{n}.yaml" for n in ("deployment", "service", "hpa", "pdb",
-                                                          "prometheus-adapter-rules"))}
+                                                          "prometheus-adapter-rules")),
+                *(f"{GIE}/{n}.yaml" for n in ("kustomization", "inferencepool", "epp-rbac", "epp-configmap",
+                                              "epp-deployment", "epp-service", "httproute"))}
     assert expected <= set(cfg["yaml"]), sorted(expected - set(cfg["yaml"]))
     assert parse_dockerfile(cfg["dockerfile"])[1]
 
@@ -643,6 +785,37 @@ def _adapter_rule(fn):
     return mutate
 
 
+def _gie(kind: str, fn):
+    def mutate(cfg):
+        fn(k8s_object(cfg, kind, GIE))
+    return mutate
+
+
+def _epp_arg(old: str, new: str):
+    def mutate(cfg):
+        args = epp_container(cfg)["args"]
+        assert old in args, f"mutation target {old!r} not in the picker's args"
+        args[args.index(old)] = new
+    return mutate
+
+
+def _epp_config(fn):
+    def mutate(cfg):
+        configmap, key = k8s_object(cfg, "ConfigMap", GIE), Path(epp_flags(cfg)["config-file"]).name
+        doc = yaml.safe_load(configmap["data"][key])
+        fn(doc)
+        configmap["data"][key] = yaml.safe_dump(doc)
+    return mutate
+
+
+def _epp_plugin(kind: str, fn):
+    return _epp_config(lambda doc: fn(next(p for p in doc["plugins"] if p["type"] == kind)))
+
+
+def _epp_engine(**fields):
+    return _epp_plugin("core-metrics-extractor", lambda p: p["parameters"]["engineConfigs"][0].update(fields))
+
+
 BREAKAGES = [
     # Dockerfile
     (check_dockerfile_stages, _docker_re(r"^FROM \$\{PYTHON_IMAGE\}$", "FROM python:3.12-slim"), "other-base"),
@@ -706,6 +879,50 @@ BREAKAGES = [
     (check_hpa, _obj("Deployment", lambda d: d["spec"].update(replicas=2)), "fixed-replicas"),
     (check_kustomization, _doc("deploy/kubernetes/kustomization.yaml", lambda k: k["resources"].remove("pdb.yaml")),
      "missing-resource"),
+    (check_kustomization, _doc(f"{GIE}/kustomization.yaml", lambda k: k["resources"].remove("epp-service.yaml")),
+     "gie-missing-resource"),
+    (check_kustomization, _doc(f"{GIE}/kustomization.yaml", lambda k: k["resources"].append("../")), "gie-cycle"),
+    (check_kustomization, _doc("deploy/kubernetes/kustomization.yaml", lambda k: k["resources"].append(
+        "inference-extension")), "base-pulls-gie"),
+    # Gateway API Inference Extension
+    (check_inference_pool, _gie("InferencePool", lambda p: p["spec"]["selector"].update(
+        matchLabels={"app": "other"})), "pool-selector"),
+    (check_inference_pool, _gie("Deployment", lambda d: d["spec"]["template"]["metadata"]["labels"].update(
+        {"app.kubernetes.io/name": "leanserve"})), "pool-selects-picker"),
+    (check_inference_pool, _gie("InferencePool", lambda p: p["spec"]["targetPorts"][0].update(number=9000)),
+     "pool-port"),
+    (check_inference_pool, _gie("InferencePool", lambda p: p["spec"]["endpointPickerRef"].update(name="epp")),
+     "picker-ref-name"),
+    (check_inference_pool, _gie("InferencePool", lambda p: p["spec"]["endpointPickerRef"]["port"].update(
+        number=9090)), "picker-ref-metrics-port"),
+    (check_inference_pool, _gie("Service", lambda s: s["spec"].update(selector={"app": "other"})),
+     "picker-service-selector"),
+    (check_inference_pool, _gie("HTTPRoute", lambda r: r["spec"]["rules"][0]["backendRefs"][0].update(
+        group="", kind="Service")), "route-to-service"),
+    (check_epp, _epp_arg("leanserve", "vllm-llama3"), "pool-name"),
+    (check_epp, _epp_arg("/config/leanserve-plugins.yaml", "/etc/epp/plugins.yaml"), "config-path"),
+    (check_epp, _gie("ConfigMap", lambda c: c.update(data={"plugins.yaml": c["data"]["leanserve-plugins.yaml"]})),
+     "config-key"),
+    (check_epp, _gie("Deployment", lambda d: d["spec"]["template"]["spec"].update(serviceAccountName="default")),
+     "service-account"),
+    (check_epp, _gie("Role", lambda r: r["rules"].pop(0)), "no-pool-rbac"),
+    (check_epp, _gie("RoleBinding", lambda b: b["subjects"][0].update(name="default")), "binding-subject"),
+    (check_epp, _epp_arg("--metrics-endpoint-auth=false", "--metrics-endpoint-auth=true"), "metrics-auth"),
+    (check_epp, lambda c: epp_container(c)["readinessProbe"]["grpc"].update(port=9002), "readiness-port"),
+    (check_epp_metrics, _epp_engine(kvUsageSpec="vllm:gpu_cache_usage_perc"), "old-kv-name"),
+    (check_epp_metrics, _epp_engine(runningRequestsSpec="leanserve_num_requests_running"), "adapter-name"),
+    (check_epp_metrics, _epp_engine(queuedRequestsSpec=""), "no-queue"),
+    (check_epp_metrics, _epp_engine(loraSpec="vllm:lora_requests_info"), "lora"),
+    (check_epp_metrics, _epp_engine(cacheBlockSizeLabelName="page_size"), "cache-label"),
+    # The built-in vLLM names include vllm:lora_requests_info, which LeanServe lacks: the config says loraSpec "".
+    (check_epp_metrics, _epp_plugin("core-metrics-extractor", lambda p: p.update(parameters={})),
+     "built-in-names"),
+    (check_epp_metrics, _epp_plugin("core-metrics-extractor", lambda p: p["parameters"].update(
+        defaultEngine="sglang")), "other-engine"),
+    (check_epp_metrics, _epp_plugin("metrics-data-source", lambda p: p["parameters"].update(path="/stats")),
+     "scrape-path"),
+    (check_epp_metrics, lambda c: epp_container(c)["args"].append("--total-queued-requests-metric=queue_len"),
+     "deprecated-flag"),
     # compose, Prometheus, Grafana
     (check_compose_server, _compose_server(lambda s: s.update(ports=["8000:9000"])), "published-port"),
     (check_compose_server, _compose_server(lambda s: s["environment"].update(LEANSERVE_PORT="9000")), "env-port"),

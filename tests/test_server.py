@@ -10,6 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from leanserve.engine.async_llm import AsyncLLM
 from leanserve.engine.engine_config import EngineConfig
 from leanserve.server.app import ServerConfig, create_app
+from leanserve.server.metrics import METRIC_NAMES
 from leanserve.server.protocol import ChatCompletionRequest, CompletionRequest
 
 MODEL = "tiny"
@@ -329,3 +330,41 @@ def test_metrics_count_requests_tokens_and_latencies(llm):
     assert {"leanserve:num_preemptions_total", "leanserve:prefix_cache_queries_total",
             "leanserve:prefix_cache_hits_total", "leanserve:num_requests_waiting"} <= names
     assert not any(n.endswith("_created") for n in names)
+
+
+def test_vllm_named_gauges_track_the_leanserve_ones_busy_and_idle(llm):
+    # The endpoint picker of the Gateway API Inference Extension reads vllm:* names (metrics.VLLM_NAMED).
+    pairs = [("leanserve:num_requests_waiting", "vllm:num_requests_waiting"),
+             ("leanserve:num_requests_running", "vllm:num_requests_running"),
+             ("leanserve:kv_cache_usage_perc", "vllm:kv_cache_usage_perc")]
+
+    def gauges(text: str) -> dict:
+        return {s.name: s for family in text_string_to_metric_families(text) for s in family.samples
+                if s.labels.get("model_name") == MODEL}
+
+    async def go():
+        async with make_client(llm) as client:
+            body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "ignore_eos": True}
+            requests = [asyncio.create_task(client.post("/v1/completions", json=body)) for _ in range(3)]
+            busy = None
+            while busy is None and not all(r.done() for r in requests):
+                scraped = gauges((await client.get("/metrics")).text)
+                if scraped["leanserve:num_requests_running"].value > 0:
+                    busy = scraped
+                await asyncio.sleep(0.005)
+            answers = await asyncio.gather(*requests)
+            return busy, answers, gauges((await client.get("/metrics")).text)
+    busy, answers, idle = run(go())
+    assert all(a.status_code == 200 for a in answers)
+    assert busy is not None, "never scraped the requests while they ran"
+    assert busy["vllm:num_requests_running"].value >= 1 and busy["vllm:kv_cache_usage_perc"].value > 0
+    for scraped in (busy, idle):
+        for ours, vllm in pairs:
+            assert scraped[vllm].value == scraped[ours].value, vllm
+    assert [idle[vllm].value for _, vllm in pairs] == [0, 0, 0]
+    # tests/test_deploy.py checks the endpoint picker's configured names against METRIC_NAMES: all are served.
+    assert not [n for n in METRIC_NAMES if n not in idle and f"{n}_count" not in idle]
+    blocks = llm.engine.block_manager
+    for name in ("leanserve:cache_config_info", "vllm:cache_config_info"):
+        labels = idle[name].labels
+        assert (labels["block_size"], labels["num_gpu_blocks"]) == (str(blocks.block_size), str(blocks.num_blocks))

@@ -3,13 +3,18 @@
 Gauges and counters that the engine already keeps (queue lengths, KV usage,
 token and prefix-cache counters) are read at scrape time by a collector, so
 nothing is counted twice; latency histograms are observed as requests progress.
+
+The gauges the endpoint picker of the Gateway API Inference Extension routes by
+(its model-server protocol: queue, running, KV-cache use, cache config) are also
+published under the vLLM names it reads by default (VLLM_NAMED): the same
+samples under a second name, so the two can never disagree.
 """
 from __future__ import annotations
 
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 disable_created_metrics()   # the *_created series only add noise (vLLM drops them too)
 
@@ -25,8 +30,17 @@ METRIC_NAMES = (
     "leanserve:time_to_first_token_seconds", "leanserve:inter_token_latency_seconds",
     "leanserve:e2e_request_latency_seconds", "leanserve:request_queue_time_seconds",
     "leanserve:request_prompt_tokens", "leanserve:request_generation_tokens", "leanserve:iteration_tokens_total",
-    "leanserve:http_requests_total", "leanserve:kernels_info",
+    "leanserve:http_requests_total", "leanserve:kernels_info", "leanserve:cache_config_info",
 )
+
+# Published a second time under vLLM's name (`vllm:` for `leanserve:`), the name the endpoint picker of the
+# Gateway API Inference Extension reads by default (its model-server protocol,
+# docs/proposals/003-model-server-protocol). KV usage is a fraction, 0 to 1, in both; the cache info carries
+# the labels block_size and num_gpu_blocks. The picker's fifth default, vllm:lora_requests_info, is left out:
+# LeanServe serves no LoRA adapters, and the picker skips that metric when it is absent.
+VLLM_NAMED = ("leanserve:num_requests_waiting", "leanserve:num_requests_running", "leanserve:kv_cache_usage_perc",
+              "leanserve:cache_config_info")
+METRIC_NAMES += tuple(name.replace("leanserve:", "vllm:") for name in VLLM_NAMED)
 
 
 class _EngineCollector:
@@ -52,15 +66,26 @@ class _EngineCollector:
             (CounterMetricFamily, "leanserve:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
              blocks.prefix_cache_hits if blocks else 0),
         ]
+        if engine:
+            values += [
+                (InfoMetricFamily, "leanserve:kernels", "What runs each operation: the executor (native, with its "
+                 "ISA level, or torch), the linears and attention.", engine.kernels),
+                (InfoMetricFamily, "leanserve:cache_config", "The KV cache: tokens per block and blocks in all.",
+                 {"block_size": str(blocks.block_size), "num_gpu_blocks": str(blocks.num_blocks)}),
+            ]
         for family, name, doc, value in values:
             metric = family(name, doc, labels=["model_name"])
             metric.add_metric([self.model_name], value)
             yield metric
-        if engine:
-            info = InfoMetricFamily("leanserve:kernels", "What runs each operation: the executor (native, with its "
-                                    "ISA level, or torch), the linears and attention.", labels=["model_name"])
-            info.add_metric([self.model_name], engine.kernels)
-            yield info
+            if metric.samples[0].name in VLLM_NAMED:
+                yield _vllm_named(metric)
+
+
+def _vllm_named(metric: Metric) -> Metric:
+    """The same family and samples, named `vllm:` instead of `leanserve:`."""
+    renamed = Metric(metric.name.replace("leanserve:", "vllm:"), metric.documentation, metric.type)
+    renamed.samples = [s._replace(name=s.name.replace("leanserve:", "vllm:")) for s in metric.samples]
+    return renamed
 
 
 class ServerMetrics:
