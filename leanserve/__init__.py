@@ -1,7 +1,7 @@
 """LeanServe: an LLM inference serving engine."""
-from leanserve.params import SamplingParams
+from leanserve.params import SamplingParams, StructuredOutputs
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputs", "RequestOutput", "CompletionOutput"]
 
 
 def __getattr__(name: str):

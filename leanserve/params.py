@@ -2,10 +2,40 @@
 and the server all read, so it lives beside none of them (and imports nothing but the standard library).
 
 SamplingParams: per-request sampling parameters, validated once at construction.
+StructuredOutputs: the grammar a request's output must follow (vLLM's names).
 Logprob: the log-probability of a sampled token and the top alternatives at one step."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class StructuredOutputs:
+    """Exactly one of: a JSON schema (`json`, a dict or its JSON text), any JSON object (`json_object`), a
+    regular expression, a choice among strings, or a grammar (Lark, or llama.cpp's GBNF). The engine
+    compiles it with llguidance and refuses one that does not compile."""
+
+    json: dict[str, Any] | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self) -> None:
+        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError("structured outputs take exactly one of json, json_object, regex, choice and grammar, "
+                             f"got {', '.join(given) or 'none'}")
+        if self.choice is not None and not (self.choice and all(isinstance(c, str) and c for c in self.choice)):
+            raise ValueError("choice must be a non-empty list of non-empty strings")
+
+    @property
+    def kind(self) -> str:
+        if self.json_object:
+            return "json_object"
+        return next(name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None)
 
 
 @dataclass
@@ -14,7 +44,9 @@ class SamplingParams:
 
     temperature 0 means greedy. top_k 0 or -1 disables top-k. Penalties follow
     vLLM/OpenAI: presence and frequency penalties look at generated tokens only,
-    the repetition penalty at prompt and generated tokens.
+    the repetition penalty at prompt and generated tokens. logit_bias adds to a
+    token's logit (-100 bans it in effect); allowed_token_ids keeps only those
+    tokens; structured_outputs keeps only the tokens its grammar allows next.
     """
 
     n: int = 1
@@ -34,6 +66,9 @@ class SamplingParams:
     logprobs: int | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    structured_outputs: StructuredOutputs | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -57,6 +92,10 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, f"logprobs must be in [0, 20], got {self.logprobs}"),
             (self.seed is None or -2**63 <= self.seed < 2**64, f"seed must fit in 64 bits, got {self.seed}"),
             (all(isinstance(s, str) and s for s in self.stop_strings), "stop strings must be non-empty strings"),
+            (all(-100.0 <= b <= 100.0 for b in (self.logit_bias or {}).values()),
+             "logit_bias values must be in [-100, 100]"),
+            (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
+             "allowed_token_ids must not be empty"),
         ]
         for ok, message in checks:
             if not ok:

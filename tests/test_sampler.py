@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from leanserve.engine.sampler import Sampler, _apply_frequency_presence_penalties, _apply_repetition_penalty
+from leanserve.engine.structured import TokenMasks
 from leanserve.params import SamplingParams
 from leanserve.scheduler.request import Request
 
@@ -270,3 +271,50 @@ def test_mixed_batch_gives_each_row_what_it_gets_alone():
         assert out.token_ids[row] == alone[row]
     assert 0 <= out.token_ids[4] < VOCAB
     assert out.token_ids[5] != EOS
+
+
+# --- token masks, logit bias, allowed tokens ------------------------------------
+
+
+def bitmask_of(allowed_rows: list[list[int]]) -> torch.Tensor:
+    """llguidance's layout: bit t % 32 of word t // 32 allows token t."""
+    words = torch.zeros(len(allowed_rows), (VOCAB + 31) // 32, dtype=torch.int64)
+    for row, tokens in enumerate(allowed_rows):
+        for t in tokens:
+            words[row, t // 32] |= 1 << (t % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_token_masks_apply_to_their_rows_only():
+    logits = random_logits(3, VOCAB, seed=11)
+    favourites = logits.argmax(-1).tolist()
+    allowed = [t for t in range(VOCAB) if t not in favourites][:3] + [33, 49]   # words 0 and 1, sign bit
+    requests = [make_request(temperature=0.0) for _ in range(3)]
+    # Row 1 only is constrained: its token comes from `allowed`, rows 0 and 2 keep their favourites.
+    out = Sampler()(logits, requests, masks=TokenMasks(rows=[1], bitmask=bitmask_of([allowed])))
+    assert out.token_ids[0] == favourites[0] and out.token_ids[2] == favourites[2]
+    assert out.token_ids[1] == max(allowed, key=lambda t: logits[1, t].item())
+    # A sampled row never leaves its mask either.
+    sampled = [make_request(temperature=1.5, seed=s) for s in range(64)]
+    tokens = Sampler()(logits[1:2].expand(64, -1), sampled, own_generators(sampled),
+                       TokenMasks(rows=list(range(64)), bitmask=bitmask_of([allowed] * 64))).token_ids
+    assert set(tokens) <= set(allowed) and len(set(tokens)) > 1
+
+
+def test_logit_bias_bans_and_forces_tokens():
+    logits = random_logits(1, VOCAB, seed=12)
+    favourite, runner_up = logits[0].topk(2).indices.tolist()
+    assert Sampler()(logits, [make_request(temperature=0.0, logit_bias={favourite: -100})]).token_ids == [runner_up]
+    least = int(logits[0].argmin())
+    assert Sampler()(logits, [make_request(temperature=0.0, logit_bias={least: 100})]).token_ids == [least]
+    mates = [make_request(temperature=0.0), make_request(temperature=0.0, logit_bias={favourite: -100})]
+    assert Sampler()(logits.expand(2, -1), mates).token_ids == [favourite, runner_up]
+
+
+def test_allowed_token_ids_keep_only_those():
+    logits = random_logits(2, VOCAB, seed=13)
+    allowed = [3, 17, 40]
+    requests = [make_request(temperature=0.0, allowed_token_ids=allowed), make_request(temperature=0.0)]
+    out = Sampler()(logits, requests)
+    assert out.token_ids[0] == max(allowed, key=lambda t: logits[0, t].item())
+    assert out.token_ids[1] == int(logits[1].argmax())

@@ -153,8 +153,7 @@ def test_several_served_model_names(llm):
 
 
 @pytest.mark.parametrize("field,value,param", [
-    ("logit_bias", {"42": -100}, "logit_bias"),
-    ("response_format", {"type": "json_object"}, "response_format"),
+    ("response_format", {"type": "json_object", "strictness": 2}, "response_format.strictness"),
     ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
     ("messages", [{"role": "user", "content": "x", "tool_call_id": "1"}], "messages.0.tool_call_id"),

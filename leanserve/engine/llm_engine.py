@@ -54,7 +54,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
         self.sampler = Sampler(seed=config.seed)
-        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len, self.model_config.vocab_size)
         kv_tokens = num_blocks * config.block_size
         kv_dtype = config.kv_cache_torch_dtype
         kv_name = str(kv_dtype).removeprefix("torch.")
@@ -97,14 +97,15 @@ class LLMEngine:
             child_id = request_id if params.n == 1 else f"{request_id}#{i}"
             children.append(Request(child_id, token_ids, child_params, eos_token_ids=self.tokenizer.eos_token_ids,
                                     priority=priority))
+        self.outputs.add(request_id, text, children)
         for i, child in enumerate(children):
             try:
                 self.scheduler.add(child, max_total)
             except ValueError:                        # none of the n sequences runs
                 for added in children[:i]:
                     self.scheduler.finish(added, RequestStatus.FINISHED_ABORTED)
+                self.outputs.remove(request_id)
                 raise
-        self.outputs.add(request_id, text, children)
 
     def _validate(self, token_ids: list[int], params: SamplingParams) -> None:
         """Raise ValueError for a prompt this engine cannot serve with these parameters."""
@@ -113,6 +114,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            if any(not 0 <= t < vocab for t in ids):
+                raise ValueError(f"{name} token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
             raise ValueError(f"the prompt has {len(token_ids)} tokens; the model's context is {self.max_model_len}")
         if params.max_tokens is not None and len(token_ids) + params.max_tokens > self.max_model_len:
@@ -141,9 +145,11 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch:
             return []
+        sampling = batch.sampling_requests()
+        masks = self.outputs.start_masks(sampling)        # computed while the model runs
         try:
-            logits, sampling = self.runner.execute(batch)
-            sampled = self.sampler(logits, sampling, self.outputs.generators(sampling))
+            logits, _ = self.runner.execute(batch)
+            sampled = self.sampler(logits, sampling, self.outputs.generators(sampling), masks and masks.result())
         except Exception as e:  # noqa: BLE001 - a failed step must not take other requests down
             log.exception("model step failed; failing its %d requests", len(batch))
             for request in self.outputs.fail(batch.requests, f"{type(e).__name__}: {e}"):

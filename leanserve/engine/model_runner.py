@@ -85,7 +85,7 @@ class ModelRunner:
             table = request.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, end)]
             context_lens.append(end)
-            if end == request.num_tokens:           # its last token is computed now: it samples
+            if batch.samples(request, n):
                 sample_rows.append(len(input_ids) - 1)
                 sampling.append(request)
         metadata = AttentionMetadata(

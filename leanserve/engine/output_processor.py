@@ -7,9 +7,13 @@ once, in its final report.
 """
 from __future__ import annotations
 
+from concurrent.futures import Future
+
+import llguidance
 import torch
 
 from leanserve.engine.outputs import CompletionOutput, RequestOutput
+from leanserve.engine.structured import GrammarCompiler, MaskFiller, TokenMasks
 from leanserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from leanserve.params import Logprob
 from leanserve.scheduler.request import Request, RequestStatus
@@ -17,15 +21,17 @@ from leanserve.scheduler.request import Request, RequestStatus
 
 class Sequence:
     """One of a request's n sequences: its scheduler request and what only the engine keeps of it (its
-    detokenizer, its own random generator if seeded, what it produced since the last report)."""
+    detokenizer, its own random generator if seeded, its grammar's matcher if constrained, what it
+    produced since the last report)."""
 
-    def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
+    def __init__(self, request: Request, tokenizer: Tokenizer, matcher: llguidance.LLMatcher | None) -> None:
         params = request.sampling_params
         self.request = request
         self.detokenizer = IncrementalDetokenizer(
             tokenizer, request.prompt_token_ids, skip_special_tokens=params.skip_special_tokens,
             stop_strings=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.matcher = matcher
         self.text_delta = ""
         self.token_delta: list[int] = []
         self.logprob_delta: list[Logprob] = []
@@ -55,9 +61,11 @@ class _Group:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer, max_model_len: int, vocab_size: int) -> None:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.grammars = GrammarCompiler(tokenizer, vocab_size)
+        self._masks = MaskFiller(vocab_size)
         self._groups: dict[str, _Group] = {}
         self._sequences: dict[str, tuple[_Group, Sequence]] = {}     # by scheduler request id
         self._progressed: dict[str, _Group] = {}                       # reported at the next `reports()`
@@ -70,7 +78,10 @@ class OutputProcessor:
         return request_id in self._groups
 
     def add(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
-        group = _Group(request_id, prompt, [Sequence(r, self.tokenizer) for r in requests])
+        """Take a request's n sequences; ValueError if its structured output does not compile."""
+        spec = requests[0].sampling_params.structured_outputs
+        matchers = self.grammars.matchers(spec, len(requests)) if spec is not None else [None] * len(requests)
+        group = _Group(request_id, prompt, [Sequence(r, self.tokenizer, m) for r, m in zip(requests, matchers)])
         self._groups[request_id] = group
         for sequence in group.sequences:
             self._sequences[sequence.request.request_id] = group, sequence
@@ -79,12 +90,19 @@ class OutputProcessor:
         """The random generator of each request (None for those without a seed), for the sampler."""
         return [self._sequences[r.request_id][1].generator for r in requests]
 
+    def start_masks(self, requests: list[Request]) -> Future[TokenMasks] | None:
+        """The next-token masks of the constrained ones among a step's sampling requests, computed on a
+        worker thread while the model runs (None if none is constrained)."""
+        return self._masks.start([self._sequences[r.request_id][1].matcher for r in requests])
+
     def append(self, request: Request, token_id: int, logprob: Logprob | None) -> RequestStatus | None:
         """Add a sampled token to its request; the status it finishes with, if this token ends it."""
         group, sequence = self._sequences[request.request_id]
         request.append_output_token(token_id, logprob)
         text, stop_string = sequence.detokenizer.add_tokens([token_id])
         status, request.stop_reason = self._stop_status(request, token_id, stop_string)
+        if sequence.matcher is not None and status is None:
+            status = self._grammar_status(request, sequence.matcher, token_id)
         if status is not None and stop_string is None:
             text += sequence.detokenizer.flush()
         sequence.text_delta += text
@@ -106,6 +124,15 @@ class OutputProcessor:
         if request.num_output_tokens == params.max_tokens or request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH, None
         return None, None
+
+    @staticmethod
+    def _grammar_status(request: Request, matcher: llguidance.LLMatcher, token_id: int) -> RequestStatus | None:
+        """Feed the token to the request's grammar: it ends the request once the grammar is complete (and
+        fails it if the grammar refused the token, which its mask should have prevented)."""
+        if not matcher.consume_token(token_id):
+            request.error = f"the structured output's grammar refused token {token_id}"
+            return RequestStatus.FINISHED_ERROR
+        return RequestStatus.FINISHED_STOPPED if matcher.is_stopped() else None
 
     def fail(self, requests: list[Request], message: str) -> list[Request]:
         """Mark the user requests these scheduler requests belong to as failed (reported at the next

@@ -1,7 +1,8 @@
 """Batched sampler: turns one row of logits per request into the next token.
 
-Stages run in vLLM's order: min_tokens masking, repetition penalty, frequency
-and presence penalties, greedy argmax, temperature, top-k, top-p, min-p, then a
+Stages run in vLLM's order: the constrained rows' token masks (structured
+outputs, allowed_token_ids), logit bias, min_tokens masking, repetition penalty,
+frequency and presence penalties, greedy argmax, temperature, top-k, top-p, min-p, then a
 draw by the exponential trick (argmax of probs / q, q ~ Exp(1)), which needs no
 host sync unlike torch.multinomial. Each stage is skipped when no row of the
 batch needs it, so an all-greedy batch without penalties is a single argmax.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from leanserve.engine.structured import TokenMasks
 from leanserve.params import Logprob, SamplingParams
 from leanserve.scheduler.request import Request
 
@@ -38,14 +40,17 @@ class Sampler:
         self._generator: torch.Generator | None = None
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
-                 generators: list[torch.Generator | None] | None = None) -> SamplerOutput:
+                 generators: list[torch.Generator | None] | None = None,
+                 masks: TokenMasks | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {tuple(logits.shape)}")
         generators = generators or [None] * len(requests)
         params = [r.sampling_params for r in requests]
         # The stages below never write into their input, so `logits` stays the
         # raw model output that log-probabilities are reported from.
-        penalized = _mask_stop_tokens_under_min_tokens(logits, requests)
+        penalized = _apply_token_masks(logits, requests, masks)
+        penalized = _apply_logit_bias(penalized, requests)
+        penalized = _mask_stop_tokens_under_min_tokens(penalized, requests)
         penalized = _apply_repetition_penalty(penalized, requests)
         penalized = _apply_frequency_presence_penalties(penalized, requests)
         greedy = [p.greedy for p in params]
@@ -104,6 +109,38 @@ class Sampler:
         if self.seed is not None and self._generator is None:
             self._generator = torch.Generator(device).manual_seed(self.seed)
         return self._generator
+
+
+def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: TokenMasks | None) -> torch.Tensor:
+    """Only the tokens a row's grammar (masks) and its allowed_token_ids allow stay possible."""
+    allowed_lists = {i: r.sampling_params.allowed_token_ids for i, r in enumerate(requests)
+                     if r.sampling_params.allowed_token_ids is not None}
+    if masks is None and not allowed_lists:
+        return logits
+    allowed = torch.ones_like(logits, dtype=torch.bool)
+    if masks is not None:
+        allowed[torch.tensor(masks.rows, device=logits.device)] = masks.allowed(logits.shape[1]).to(logits.device)
+    for i, token_ids in allowed_lists.items():
+        only = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+        only[torch.tensor(token_ids, device=logits.device)] = True
+        allowed[i] &= only
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    rows: list[int] = []
+    cols: list[int] = []
+    biases: list[float] = []
+    for i, r in enumerate(requests):
+        for token_id, bias in (r.sampling_params.logit_bias or {}).items():
+            rows.append(i)
+            cols.append(token_id)
+            biases.append(bias)
+    if not rows:
+        return logits
+    device = logits.device
+    return logits.index_put((torch.tensor(rows, device=device), torch.tensor(cols, device=device)),
+                            torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def _mask_stop_tokens_under_min_tokens(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -40,6 +40,15 @@ class ScheduledBatch:
     def total_tokens(self) -> int:
         return sum(self.num_tokens)
 
+    @staticmethod
+    def samples(request: Request, num_tokens: int) -> bool:
+        """Whether a request's step of num_tokens computes its last token, so that it samples the next."""
+        return request.num_computed_tokens + num_tokens == request.num_tokens
+
+    def sampling_requests(self) -> list[Request]:
+        """The requests that sample in this step, in batch order."""
+        return [r for r, n in zip(self.requests, self.num_tokens) if self.samples(r, n)]
+
 
 def _urgency(request: Request) -> tuple[int, int]:
     return request.priority, request.arrival_index

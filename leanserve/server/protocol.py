@@ -4,11 +4,11 @@ No field is silently ignored: a field this server does not implement is a 400 th
 carry no meaning for generation (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from leanserve.params import SamplingParams
+from leanserve.params import SamplingParams, StructuredOutputs
 
 
 class _Body(BaseModel):
@@ -17,6 +17,36 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """OpenAI's response_format: text (no constraint), any JSON object, or JSON that follows a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self):
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format.json_schema is required with type 'json_schema', and only with it")
+        return self
+
+
+class StructuredOutputsField(_Body):
+    """vLLM's `structured_outputs`: exactly one of these."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
 
 
 class _SamplingFields(_Body):
@@ -37,6 +67,15 @@ class _SamplingFields(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     priority: int = 0
+    logit_bias: dict[str, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older guided_* fields.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # Accepted and ignored: they change nothing in what is generated.
     user: str | None = None
     metadata: dict[str, str] | None = None
@@ -53,11 +92,41 @@ class _SamplingFields(_Body):
         return value
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """ValueError for values that are valid JSON but not a valid request."""
         return SamplingParams(
             n=self.n, max_tokens=max_tokens, min_tokens=self.min_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, seed=self.seed,
-            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs)
+            stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self._logit_bias(),
+            allowed_token_ids=self.allowed_token_ids, structured_outputs=self._structured_outputs())
+
+    def _logit_bias(self) -> dict[int, float] | None:
+        if self.logit_bias is None:
+            return None
+        try:
+            return {int(token_id): bias for token_id, bias in self.logit_bias.items()}
+        except ValueError:
+            raise ValueError("logit_bias keys must be token ids") from None
+
+    def _structured_outputs(self) -> StructuredOutputs | None:
+        """The one constraint the request asks for, by whichever of the three spellings."""
+        asked: dict[str, StructuredOutputs] = {}
+        if self.response_format is not None and self.response_format.type != "text":
+            fmt = self.response_format
+            asked["response_format"] = (StructuredOutputs(json_object=True) if fmt.type == "json_object"
+                                        else StructuredOutputs(json=fmt.json_schema.schema_ or {}))
+        if self.structured_outputs is not None:
+            so = self.structured_outputs
+            asked["structured_outputs"] = StructuredOutputs(json=so.json_, json_object=bool(so.json_object),
+                                                            regex=so.regex, choice=so.choice, grammar=so.grammar)
+        guided = {"json": self.guided_json, "regex": self.guided_regex, "choice": self.guided_choice,
+                  "grammar": self.guided_grammar}
+        for name, value in guided.items():
+            if value is not None:
+                asked[f"guided_{name}"] = StructuredOutputs(**{name: value})
+        if len(asked) > 1:
+            raise ValueError(f"only one structured output may be asked for, got {', '.join(asked)}")
+        return next(iter(asked.values()), None)
 
     @property
     def include_usage(self) -> bool:

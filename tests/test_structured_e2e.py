@@ -1,0 +1,108 @@
+"""Structured outputs and logit bias end to end: a real `leanserve serve` on the default model, driven by the
+official openai client. Outputs are checked by parsing and validating them, never by comparing to a fixed text."""
+import asyncio
+import json
+
+import httpx
+import pytest
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tests.test_server_e2e import start_server, stop_server
+
+openai = pytest.importorskip("openai")
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="forbid")     # additionalProperties: false
+
+    name: str = Field(max_length=24)
+    age: int = Field(ge=0, le=130)
+    languages: list[Annotated[str, Field(max_length=16)]] = Field(max_length=3)
+
+
+PERSON_FORMAT = {"type": "json_schema",
+                 "json_schema": {"name": "person", "schema": Person.model_json_schema(), "strict": True}}
+ASK = [{"role": "user", "content": "Describe a fictional programmer as JSON: name, age and languages."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    process, base = start_server("smollm2", "--kv-cache-tokens", "32768")
+    yield base
+    assert stop_server(process) == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none")
+
+
+def test_parse_returns_a_pydantic_object(client):
+    completion = client.chat.completions.parse(model="smollm2", messages=ASK, response_format=Person, max_tokens=120,
+                                               temperature=0)
+    person = completion.choices[0].message.parsed
+    assert isinstance(person, Person) and completion.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampled_requests_follow_the_schema_streaming_and_not(server):
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def one(seed: int) -> list[str]:
+        args = dict(model="smollm2", messages=ASK, response_format=PERSON_FORMAT, max_tokens=150, temperature=0.8,
+                    seed=seed, n=2)
+        if seed % 2:
+            texts = ["", ""]
+            async for chunk in await client.chat.completions.create(stream=True, **args):
+                for choice in chunk.choices:
+                    texts[choice.index] += choice.delta.content or ""
+                    assert choice.finish_reason in (None, "stop")
+            return texts
+        completion = await client.chat.completions.create(**args)
+        assert [c.finish_reason for c in completion.choices] == ["stop", "stop"]
+        return [c.message.content for c in completion.choices]
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(seed) for seed in range(20)))
+
+    texts = [t for pair in asyncio.run(all_of_them()) for t in pair]
+    people = [Person.model_validate_json(t) for t in texts]
+    assert len(people) == 40 and len({p.model_dump_json() for p in people}) > 1   # sampled, so not all alike
+
+
+def test_every_spelling_of_a_constraint(client):
+    completions = client.completions.create(model="smollm2", prompt="Is the sky blue? Answer:", max_tokens=5,
+                                            temperature=0, extra_body={"structured_outputs": {"choice": ["yes", "no"]}})
+    assert completions.choices[0].text in ("yes", "no")
+    phone = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Give me a phone number."}], max_tokens=20,
+        temperature=0, extra_body={"guided_regex": r"\(\d{3}\) \d{3}-\d{4}"})
+    assert phone.choices[0].message.content[0] == "(" and len(phone.choices[0].message.content) == 14
+    obj = client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=150, temperature=0,
+                                         response_format={"type": "json_object"})
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(obj.choices[0].message.content), dict)
+    else:   # ran out of tokens inside the object: a prefix of one
+        assert obj.choices[0].finish_reason == "length" and obj.choices[0].message.content.lstrip()[0] == "{"
+
+
+def test_invalid_schema_is_a_400(client):
+    with pytest.raises(openai.BadRequestError, match="invalid structured output"):
+        client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=5, response_format={
+            "type": "json_schema", "json_schema": {"name": "bad", "schema": {"type": "objekt"}}})
+    with pytest.raises(openai.BadRequestError, match="only one structured output"):
+        client.chat.completions.create(model="smollm2", messages=ASK, max_tokens=5,
+                                       response_format={"type": "json_object"}, extra_body={"guided_regex": "a+"})
+
+
+def test_logit_bias_bans_the_first_choice(server, client):
+    args = dict(model="smollm2", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=2)
+    first = client.completions.create(**args).choices[0].logprobs
+    favourite = first.tokens[0]
+    favourite_id = httpx.post(f"{server}/tokenize", json={"prompt": favourite, "add_special_tokens": False}).json()[
+        "tokens"]
+    assert len(favourite_id) == 1
+    banned = client.completions.create(**args, logit_bias={str(favourite_id[0]): -100}).choices[0].logprobs
+    assert banned.tokens[0] != favourite
+    assert banned.tokens[0] == list(first.top_logprobs[0])[1]          # the runner-up takes its place
