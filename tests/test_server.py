@@ -154,9 +154,9 @@ def test_several_served_model_names(llm):
 
 @pytest.mark.parametrize("field,value,param", [
     ("response_format", {"type": "json_object", "strictness": 2}, "response_format.strictness"),
-    ("tools", [{"type": "function", "function": {"name": "f"}}], "tools"),
+    ("functions", [{"name": "f"}], "functions"),
     ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
-    ("messages", [{"role": "user", "content": "x", "tool_call_id": "1"}], "messages.0.tool_call_id"),
+    ("messages", [{"role": "user", "content": "x", "audio": "1"}], "messages.0.audio"),
 ])
 def test_a_field_the_server_does_not_implement_is_a_400_naming_it(llm, field, value, param):
     body = {**chat_body(), field: value}

@@ -1,6 +1,7 @@
 """Structured outputs, logit bias and allowed tokens through the ASGI app on the tiny random model: whatever the
 model's weights, a constrained output follows its constraint, and a bad constraint is a 400 before it is queued."""
 import asyncio
+import json
 import re
 
 import pytest
@@ -88,3 +89,84 @@ def test_engine_refuses_a_bad_grammar_before_queueing(tiny_hf_dir):
     with pytest.raises(ValueError, match="invalid structured output"):
         engine.add_request("r", [5, 6], SamplingParams(structured_outputs=StructuredOutputs(regex="(")))
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
+
+
+# --- tool calling ------------------------------------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}},
+                   "required": ["city"], "additionalProperties": False}}}
+NOOP_TOOL = {"type": "function", "function": {"name": "noop"}}
+
+
+@pytest.mark.parametrize("tool_choice, names", [
+    ("required", {"get_weather", "noop"}),
+    ({"type": "function", "function": {"name": "get_weather"}}, {"get_weather"}),
+])
+def test_forced_tool_calls_streamed_and_not(llm, tool_choice, names):
+    body = {**chat_body(temperature=1.0, seed=2, max_tokens=120), "tools": [WEATHER_TOOL, NOOP_TOOL],
+            "tool_choice": tool_choice, "parallel_tool_calls": False}
+    plain = post(llm, "/v1/chat/completions", body).json()["choices"][0]
+    assert plain["finish_reason"] == "tool_calls", plain
+    [call] = plain["message"]["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_") and call["function"]["name"] in names
+    arguments = json.loads(call["function"]["arguments"])
+    if call["function"]["name"] == "get_weather":
+        assert set(arguments) == {"city"} and isinstance(arguments["city"], str) and len(arguments["city"]) <= 12
+    events = sse_events(post(llm, "/v1/chat/completions", {**body, "stream": True}).text)
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    header, fragment = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    assert header["index"] == 0 and header["function"] == {"name": call["function"]["name"], "arguments": ""}
+    assert json.loads(fragment["function"]["arguments"]) == arguments and "id" not in fragment
+    assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_tool_choice_none_and_auto_answer_in_the_same_shape(llm):
+    for tool_choice in ("none", "auto"):
+        body = {**chat_body(max_tokens=8), "tools": [WEATHER_TOOL], "tool_choice": tool_choice}
+        choice = post(llm, "/v1/chat/completions", body).json()["choices"][0]
+        if choice["message"].get("tool_calls"):            # a random model may write a call under "auto"
+            assert tool_choice == "auto" and choice["finish_reason"] == "tool_calls"
+        else:
+            assert isinstance(choice["message"]["content"], str) and choice["finish_reason"] in ("stop", "length")
+
+
+def test_tools_reach_the_prompt_and_a_tool_round_trip_renders(llm):
+    conversation = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+            "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 18}'}]
+    with_tools = post(llm, "/tokenize", {"messages": conversation, "tools": [WEATHER_TOOL]}).json()["tokens"]
+    without = post(llm, "/tokenize", {"messages": conversation, "tools": [WEATHER_TOOL], "tool_choice": "none"}).json()
+    text = post(llm, "/detokenize", {"tokens": with_tools}).json()["prompt"]
+    assert "get_weather" in text.split("Weather in Paris?")[0] and '<tool_response>\n{"temp_c": 18}' in text
+    assert len(without["tokens"]) < len(with_tools)
+    answer = post(llm, "/v1/chat/completions", {**chat_body(max_tokens=4), "messages": conversation,
+                                                "tools": [WEATHER_TOOL]})
+    assert answer.status_code == 200
+
+
+def test_continue_final_message_goes_on_from_the_assistant_text(llm):
+    messages = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "One, two,"}]
+    prompt = post(llm, "/tokenize", {"messages": messages, "continue_final_message": True,
+                                     "add_generation_prompt": False}).json()["tokens"]
+    assert post(llm, "/detokenize", {"tokens": prompt}).json()["prompt"].endswith("One, two,")
+    bad = post(llm, "/v1/chat/completions", {**chat_body(), "continue_final_message": True})
+    assert bad.status_code == 400 and "final assistant message" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"tool_choice": "required"}, "tool_choice needs tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "'nope', which is not in tools"),
+    ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "cannot be combined with a structured output"),
+    ({"tools": [{"type": "function", "function": {"name": "has space"}}]}, "string should match pattern"),
+    ({"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "function": {"name": "f", "arguments": "{"}}]}]},
+     "arguments must be json"),
+])
+def test_bad_tool_requests_are_400s(llm, extra, message):
+    response = post(llm, "/v1/chat/completions", {**chat_body(), **extra})
+    assert response.status_code == 400 and message in response.json()["error"]["message"].lower(), response.text

@@ -1,11 +1,11 @@
-"""Structured outputs and logit bias end to end: a real `leanserve serve` on the default model, driven by the
+"""Structured outputs, tool calls and logit bias end to end: a real `leanserve serve` on the default model, driven by the
 official openai client. Outputs are checked by parsing and validating them, never by comparing to a fixed text."""
 import asyncio
 import json
 
 import httpx
 import pytest
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,3 +106,51 @@ def test_logit_bias_bans_the_first_choice(server, client):
     banned = client.completions.create(**args, logit_bias={str(favourite_id[0]): -100}).choices[0].logprobs
     assert banned.tokens[0] != favourite
     assert banned.tokens[0] == list(first.top_logprobs[0])[1]          # the runner-up takes its place
+
+
+class Weather(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    city: str = Field(max_length=40)
+    unit: Literal["celsius", "fahrenheit"] = "celsius"
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The current weather in a city",
+                                                 "parameters": Weather.model_json_schema()}}
+WEATHER_ASK = [{"role": "user", "content": "What is the weather like in Paris right now?"}]
+
+
+def test_named_tool_call_then_round_trip(client):
+    forced = client.chat.completions.create(model="smollm2", messages=WEATHER_ASK, tools=[WEATHER_TOOL], max_tokens=80,
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                                            temperature=0)
+    choice = forced.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    Weather.model_validate_json(call.function.arguments)              # JSON, and valid against the tool's schema
+    answer = client.chat.completions.create(model="smollm2", tools=[WEATHER_TOOL], max_tokens=60, temperature=0,
+                                            messages=WEATHER_ASK + [
+                                                choice.message.model_dump(exclude_none=True),
+                                                {"role": "tool", "tool_call_id": call.id,
+                                                 "content": json.dumps({"temperature_c": 18, "sky": "cloudy"})}])
+    assert answer.choices[0].finish_reason in ("stop", "length") and answer.choices[0].message.content
+
+
+def test_streamed_tool_call_reassembled_by_the_client(client):
+    arguments, name, finish = "", None, None
+    for chunk in client.chat.completions.create(model="smollm2", messages=WEATHER_ASK, tools=[WEATHER_TOOL],
+                                                tool_choice="required", parallel_tool_calls=False, max_tokens=80,
+                                                temperature=0, stream=True):
+        for delta_call in chunk.choices[0].delta.tool_calls or []:
+            assert delta_call.index == 0
+            name = name or (delta_call.function.name if delta_call.function else None)
+            arguments += delta_call.function.arguments or "" if delta_call.function else ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert name == "get_weather" and finish == "tool_calls"
+    Weather.model_validate_json(arguments)
+
+
+def test_tool_choice_none_answers_in_prose(client):
+    reply = client.chat.completions.create(model="smollm2", messages=WEATHER_ASK, tools=[WEATHER_TOOL],
+                                           tool_choice="none", max_tokens=20, temperature=0)
+    assert reply.choices[0].message.tool_calls is None and reply.choices[0].message.content

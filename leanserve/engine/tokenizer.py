@@ -69,21 +69,24 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        """Render a conversation as HuggingFace does. The template writes any BOS itself, so
-        encode the result with `add_special_tokens=False`."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
+        """Render a conversation as HuggingFace does (the template gets `tools` and any further variables).
+        The template writes any BOS itself, so encode the result with `add_special_tokens=False`."""
         if self.chat_template is None:
             raise ValueError("this model has no chat template; send a plain prompt instead")
         if not isinstance(messages, list) or not messages:
             raise ValueError("messages must be a non-empty list of {'role': str, 'content': str} dicts")
         for i, message in enumerate(messages):
             if not (isinstance(message, dict) and isinstance(message.get("role"), str)
-                    and isinstance(message.get("content"), str)):
+                    and (isinstance(message.get("content"), str)
+                         or (message.get("content") is None and message.get("tool_calls")))):
                 raise ValueError(f"messages[{i}] must be a dict with string 'role' and 'content', got {message!r}")
         try:
-            return self._compiled_chat_template.render(
-                messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+            return self._compiled_chat_template.render({
+                **template_kwargs, "messages": [dict(m) for m in messages], "tools": tools,
+                "add_generation_prompt": add_generation_prompt, "bos_token": self.bos_token or "",
+                "eos_token": self.eos_token or ""})
         except jinja2.TemplateError as e:
             raise ValueError(f"chat template failed: {e}") from e
 

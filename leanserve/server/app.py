@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import time
@@ -16,10 +17,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from leanserve.engine.async_llm import AsyncLLM, EngineDeadError
 from leanserve.engine.outputs import RequestOutput
-from leanserve.params import Logprob, SamplingParams
+from leanserve.params import Logprob, SamplingParams, StructuredOutputs
 from leanserve.server.metrics import ServerMetrics
 from leanserve.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                        TokenizeRequest)
+from leanserve.server.tool_calls import (PARSERS, ToolCallParser, ToolCallStream, messages_for_template,
+                                         parser_for_template)
 
 OPEN_PATHS = ("/health", "/metrics", "/docs", "/openapi.json", "/docs/oauth2-redirect")
 
@@ -46,6 +49,7 @@ class ServerConfig:
     api_key: str | None = None
     max_queued_requests: int | None = None
     max_body_bytes: int = 4 * 1024 * 1024
+    tool_call_parser: str | None = None     # a name in tool_calls.PARSERS; None: the one the chat template teaches
 
 
 class ServerState:
@@ -119,28 +123,56 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
 
     # ---- chat completions ----------------------------------------------------------------------
 
+    def tool_parser() -> ToolCallParser:
+        return PARSERS[config.tool_call_parser] if config.tool_call_parser else parser_for_template(
+            tokenizer().chat_template)
+
+    def chat_prompt(body: ChatCompletionRequest | TokenizeRequest) -> str:
+        """The conversation rendered through the model's chat template, with the tools it is offered."""
+        try:
+            messages, template_tools = messages_for_template(
+                [m.as_dict() for m in body.messages], body.offered_tools(), tokenizer().chat_template, tool_parser())
+            text = tokenizer().apply_chat_template(
+                messages, body.add_generation_prompt and not body.continue_final_message, tools=template_tools,
+                **(body.chat_template_kwargs or {}))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from e
+        if body.continue_final_message:   # the reply goes on from the last message: cut the template's close
+            last = messages[-1]["content"] or ""
+            text = text[:text.rindex(last) + len(last)] if last in text else text
+        return text
+
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         check_ready(body.model)
-        try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            text = tokenizer().apply_chat_template(messages, body.add_generation_prompt)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from e
+        text = chat_prompt(body)
         token_ids = tokenizer().encode(text, add_special_tokens=False)
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
+        parser = tool_parser() if body.offered_tools() else None
+        if body.forces_tool_call:
+            if params.structured_outputs is not None:
+                raise APIError(400, "a forced tool call (tool_choice) cannot be combined with a structured output",
+                               param="tool_choice")
+            grammar = parser.call_grammar([t["function"] for t in body.offered_tools()], body.parallel_tool_calls)
+            params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=grammar))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         tracker = metrics.track(len(token_ids))
         stream = await submit(request_id, token_ids, params, text, body.priority)
         created = int(time.time())
         if body.stream:
             return _sse(_chat_chunks(stream, request_id, created, answered_as(body.model), body, tracker,
-                                     tokenizer()))
+                                     tokenizer(), parser))
         final = await _collect(stream, raw, tracker)
-        choices = [{"index": o.index, "message": {"role": "assistant", "content": o.text},
-                    "logprobs": _chat_logprobs(o.logprobs, tokenizer()) if body.logprobs else None,
-                    "finish_reason": o.finish_reason} for o in final.outputs]
+        choices = []
+        for o in final.outputs:
+            message, finish_reason = {"role": "assistant", "content": o.text}, o.finish_reason
+            content, calls = parser.parse(o.text) if parser else (o.text, [])
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": [c.to_openai() for c in calls]}
+                finish_reason = "tool_calls"
+            choices.append({"index": o.index, "message": message, "finish_reason": finish_reason,
+                            "logprobs": _chat_logprobs(o.logprobs, tokenizer()) if body.logprobs else None})
         return {"id": request_id, "object": "chat.completion", "created": created,
                 "model": answered_as(body.model), "choices": choices, "usage": _usage([final])}
 
@@ -204,9 +236,7 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
             raise APIError(400, "give exactly one of 'prompt' and 'messages'")
         try:
             if body.messages is not None:
-                messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-                text = tokenizer().apply_chat_template(messages, body.add_generation_prompt)
-                tokens = tokenizer().encode(text, add_special_tokens=False)
+                tokens = tokenizer().encode(chat_prompt(body), add_special_tokens=False)
             else:
                 tokens = tokenizer().encode(body.prompt, add_special_tokens=body.add_special_tokens)
         except ValueError as e:
@@ -327,11 +357,16 @@ def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_u
     return chunk
 
 
-async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer):
+async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer,
+                       parser: ToolCallParser | None):
+    """The streamed chat events. With tools, each choice's text goes through a ToolCallStream: a complete call
+    is sent as OpenAI streams one (its index, id and name first, then its arguments), and the choice finishes
+    with "tool_calls" if it made any."""
     chunk = _chunk_maker(request_id, "chat.completion.chunk", created, model, body.include_usage)
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(body.n)])
     final, finished = None, set()
+    calls = [ToolCallStream(parser) for _ in range(body.n)] if parser else None
     async with _closing(stream):
         async for output in stream:
             tracker.progress(output)
@@ -339,13 +374,41 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
             if output.error is not None:
                 yield _stream_error(output)
                 return
-            choices = [{"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
-                        "logprobs": _chat_logprobs(o.logprobs_delta, tokenizer) if body.logprobs else None,
-                        "finish_reason": o.finish_reason} for o in _changed(output, finished)]
+            choices = []
+            for o in _changed(output, finished):
+                logprobs = _chat_logprobs(o.logprobs_delta, tokenizer) if body.logprobs else None
+                if calls is None:
+                    choices.append({"index": o.index, "delta": {"content": o.text_delta} if o.text_delta else {},
+                                    "logprobs": logprobs, "finish_reason": o.finish_reason})
+                    continue
+                for delta, finish_reason in _tool_deltas(calls[o.index], o):
+                    yield chunk([{"index": o.index, "delta": delta, "logprobs": logprobs,
+                                  "finish_reason": finish_reason}])
+                    logprobs = None
             if choices:
                 yield chunk(choices)
     if body.include_usage:
         yield chunk([], _usage([final]))
+
+
+def _tool_deltas(calls: ToolCallStream, output) -> list[tuple[dict, str | None]]:
+    """One choice's streamed deltas for this output's text, and the finish reason on the last."""
+    first = calls.num_calls
+    content, made = calls.feed(output.text_delta)
+    if output.finished:
+        rest, more = calls.finish()
+        content, made = content + rest, made + more
+    deltas: list[tuple[dict, str | None]] = [({"content": content}, None)] if content else []
+    for index, call in enumerate(made, start=first):
+        header = call.to_openai(index)
+        header["function"] = {"name": call.name, "arguments": ""}
+        deltas += [({"tool_calls": [header]}, None),
+                   ({"tool_calls": [{"index": index, "function": {"arguments": call.arguments}}]}, None)]
+    if output.finished:
+        finish_reason = "tool_calls" if calls.num_calls else output.finish_reason
+        deltas = deltas or [({}, None)]
+        deltas[-1] = (deltas[-1][0], finish_reason)
+    return deltas
 
 
 async def _completion_chunks(streams, trackers, request_id, created, model, body: CompletionRequest, tokenizer):

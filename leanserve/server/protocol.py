@@ -4,6 +4,7 @@ No field is silently ignored: a field this server does not implement is a 400 th
 carry no meaning for generation (`user`, `metadata`, `store`, `service_tier`) are accepted and ignored."""
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -133,9 +134,41 @@ class _SamplingFields(_Body):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class ToolCallFunction(_Body):
+    name: str
+    arguments: str
+
+
+class MessageToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+    @field_validator("function")
+    @classmethod
+    def _arguments_are_json(cls, value: ToolCallFunction):
+        try:
+            json.loads(value.arguments or "{}")
+        except json.JSONDecodeError:
+            raise ValueError("tool call arguments must be JSON text") from None
+        return value
+
+
 class ChatMessage(_Body):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = None
+    name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None      # an assistant's earlier calls
+    tool_call_id: str | None = None                      # the call a tool message answers
+
+    def as_dict(self) -> dict:
+        """The message as a chat template takes it."""
+        message = {"role": self.role, "content": self.text() if self.content is not None or not self.tool_calls
+                   else None}
+        if self.tool_calls:
+            message["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        message.update({k: v for k, v in (("name", self.name), ("tool_call_id", self.tool_call_id)) if v})
+        return message
 
     def text(self) -> str:
         """The message's text; content parts other than text are refused."""
@@ -146,12 +179,73 @@ class ChatMessage(_Body):
         return "".join(part.get("text", "") for part in self.content)
 
 
-class ChatCompletionRequest(_SamplingFields):
+class FunctionDefinition(_Body):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class _ChatPromptFields(_Body):
+    """How a conversation becomes the prompt: the chat template's options and the tools offered."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        choice = self.tool_choice
+        if isinstance(choice, NamedToolChoice) or choice == "required":
+            names = [t.function.name for t in self.tools or []]
+            if not names:
+                raise ValueError("tool_choice needs tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in names:
+                raise ValueError(f"tool_choice names the function '{choice.function.name}', which is not in tools")
+        if self.continue_final_message and (
+                (self.add_generation_prompt and "add_generation_prompt" in self.model_fields_set)
+                or not self.messages or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message continues a final assistant message, "
+                             "without add_generation_prompt")
+        return self
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tools the model may call: none with tool_choice "none"; only the named one if one is named."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        tools = [t.model_dump(exclude_none=True) for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            tools = [t for t in tools if t["function"]["name"] == self.tool_choice.function.name]
+        return tools
+
+    @property
+    def forces_tool_call(self) -> bool:
+        return self.tools is not None and (self.tool_choice == "required" or isinstance(self.tool_choice,
+                                                                                         NamedToolChoice))
+
+
+class ChatCompletionRequest(_SamplingFields, _ChatPromptFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    add_generation_prompt: bool = True
 
 
 class CompletionRequest(_SamplingFields):
@@ -168,12 +262,11 @@ class CompletionRequest(_SamplingFields):
         return value
 
 
-class TokenizeRequest(_Body):
+class TokenizeRequest(_ChatPromptFields):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
-    add_generation_prompt: bool = True
 
 
 class DetokenizeRequest(_Body):

@@ -14,6 +14,7 @@ import uvicorn
 from leanserve.engine.async_llm import AsyncLLM
 from leanserve.engine.engine_config import DTYPES, KV_CACHE_DTYPES, QUANTIZATION_CHOICES, EngineConfig
 from leanserve.server.app import ServerConfig, create_app
+from leanserve.server.tool_calls import PARSERS
 
 log = logging.getLogger("leanserve.server")
 
@@ -41,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--served-model-name", nargs="+", default=(_env("served-model-name") or "").split() or None,
                         help="the model names clients may send; /v1/models lists them all (default: MODEL) "
                              "[env LEANSERVE_SERVED_MODEL_NAME, names separated by spaces]")
+    option("tool-call-parser", choices=sorted(PARSERS),
+           help="the model's tool-call syntax (default: the one its chat template teaches, else hermes)")
     option("dtype", default="float32", choices=sorted(DTYPES), help="weights and activations")
     option("quantization", choices=list(QUANTIZATION_CHOICES),
            help="weight format: int8, int4, llm_int8 or float (default: the checkpoint's, int4 for a Q4 GGUF file)")
@@ -126,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model]
     app = create_app(llm, ServerConfig(served_model_names=names, api_key=args.api_key,
                                        max_queued_requests=args.max_queued_requests,
-                                       max_body_bytes=args.max_body_bytes))
+                                       max_body_bytes=args.max_body_bytes, tool_call_parser=args.tool_call_parser))
     server = DrainingServer(uvicorn.Config(app, host=args.host, port=args.port, log_config=None,
                                            log_level=args.log_level, access_log=False),
                             llm, app.state.server, args.shutdown_timeout)
