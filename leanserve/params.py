@@ -46,7 +46,9 @@ class SamplingParams:
     vLLM/OpenAI: presence and frequency penalties look at generated tokens only,
     the repetition penalty at prompt and generated tokens. logit_bias adds to a
     token's logit (-100 bans it in effect); allowed_token_ids keeps only those
-    tokens; structured_outputs keeps only the tokens its grammar allows next.
+    tokens; bad_words are never generated (the last token of each, with and
+    without a leading space, is banned where the output ends with the rest);
+    structured_outputs keeps only the tokens its grammar allows next.
     """
 
     n: int = 1
@@ -68,6 +70,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     structured_outputs: StructuredOutputs | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
@@ -96,6 +99,7 @@ class SamplingParams:
              "logit_bias values must be in [-100, 100]"),
             (self.allowed_token_ids is None or len(self.allowed_token_ids) > 0,
              "allowed_token_ids must not be empty"),
+            (all(isinstance(w, str) and w.strip() for w in self.bad_words or []), "bad_words must be non-empty strings"),
         ]
         for ok, message in checks:
             if not ok:

@@ -60,7 +60,8 @@ def test_chat_streamed_text_equals_non_streamed(llm):
     text = "".join(c["delta"].get("content", "") for e in events for c in e["choices"])
     assert text == plain["choices"][0]["message"]["content"]
     assert [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]] == ["length"]
-    assert events[-1]["choices"] == [] and events[-1]["usage"] == plain["usage"]
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")     # the second one may hit the prefix cache
+    assert events[-1]["choices"] == [] and [events[-1]["usage"][k] for k in counts] == [plain["usage"][k] for k in counts]
     assert plain["usage"]["completion_tokens"] == 12 and plain["object"] == "chat.completion"
 
 
@@ -155,7 +156,7 @@ def test_several_served_model_names(llm):
 @pytest.mark.parametrize("field,value,param", [
     ("response_format", {"type": "json_object", "strictness": 2}, "response_format.strictness"),
     ("functions", [{"name": "f"}], "functions"),
-    ("stream_options", {"include_usage": True, "continuous_usage_stats": True}, "stream_options.continuous_usage_stats"),
+    ("stream_options", {"include_usage": True, "include_obfuscation": True}, "stream_options.include_obfuscation"),
     ("messages", [{"role": "user", "content": "x", "audio": "1"}], "messages.0.audio"),
 ])
 def test_a_field_the_server_does_not_implement_is_a_400_naming_it(llm, field, value, param):
@@ -367,3 +368,54 @@ def test_vllm_named_gauges_track_the_leanserve_ones_busy_and_idle(llm):
     for name in ("leanserve:cache_config_info", "vllm:cache_config_info"):
         labels = idle[name].labels
         assert (labels["block_size"], labels["num_gpu_blocks"]) == (str(blocks.block_size), str(blocks.num_blocks))
+
+
+# --- the rest of the request surface --------------------------------------------------------------
+
+
+def completion(llm, **body) -> dict:
+    async def go():
+        async with make_client(llm) as client:
+            return (await client.post("/v1/completions", json={"model": MODEL, "temperature": 0, **body})).json()
+    return run(go())
+
+
+def test_bad_words_are_never_generated(llm):
+    free = completion(llm, prompt=[5, 6, 7], max_tokens=12, ignore_eos=True, logprobs=0)
+    text = free["choices"][0]["text"]
+    word = next(w for w in text.split() if len(w) > 1)
+    banned = completion(llm, prompt=[5, 6, 7], max_tokens=12, ignore_eos=True, bad_words=[word])
+    assert word not in banned["choices"][0]["text"].split() and banned["choices"][0]["text"] != text
+
+
+def test_stop_token_ids_and_include_stop_str(llm):
+    forced = dict(prompt=[5, 6, 7], max_tokens=10, ignore_eos=True, logit_bias={"12": 100})    # always token 12
+    assert completion(llm, **forced)["usage"]["completion_tokens"] == 10
+    cut = completion(llm, **forced, stop_token_ids=[12])
+    assert cut["usage"]["completion_tokens"] == 1 and cut["choices"][0]["finish_reason"] == "stop"
+    free = completion(llm, prompt=[5, 6, 7], max_tokens=10, ignore_eos=True, logprobs=0)
+    tokens = free["choices"][0]["logprobs"]["tokens"]
+    stop = next(t.strip() for t in tokens[3:] if t.strip())
+    kept = completion(llm, prompt=[5, 6, 7], max_tokens=10, ignore_eos=True, stop=[stop],
+                      include_stop_str_in_output=True)
+    dropped = completion(llm, prompt=[5, 6, 7], max_tokens=10, ignore_eos=True, stop=[stop])
+    assert kept["choices"][0]["text"] == dropped["choices"][0]["text"] + stop
+    assert kept["choices"][0]["finish_reason"] == dropped["choices"][0]["finish_reason"] == "stop"
+
+
+def test_cached_tokens_and_continuous_usage(llm):
+    prompt = list(range(20, 120))                         # 100 tokens: six full blocks of 16
+    first = completion(llm, prompt=prompt, max_tokens=2)
+    again = completion(llm, prompt=prompt, max_tokens=2)
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == 96
+
+    async def go():
+        async with make_client(llm) as client:
+            return await client.post("/v1/completions", json={
+                "model": MODEL, "prompt": [5, 6, 7], "max_tokens": 5, "ignore_eos": True, "stream": True,
+                "stream_options": {"continuous_usage_stats": True}})
+    events = sse_events(run(go()).text)
+    counts = [e["usage"]["completion_tokens"] for e in events]
+    assert all(e["usage"]["prompt_tokens"] == 3 for e in events)
+    assert counts == sorted(counts) and counts[-1] == 5 and counts[0] >= 1

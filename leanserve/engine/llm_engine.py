@@ -114,7 +114,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
-        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ()),
+                          ("stop_token_ids", params.stop_token_ids)):
             if any(not 0 <= t < vocab for t in ids):
                 raise ValueError(f"{name} token ids must be in [0, {vocab})")
         if len(token_ids) >= self.max_model_len:
@@ -149,7 +150,8 @@ class LLMEngine:
         masks = self.outputs.start_masks(sampling)        # computed while the model runs
         try:
             logits, _ = self.runner.execute(batch)
-            sampled = self.sampler(logits, sampling, self.outputs.generators(sampling), masks and masks.result())
+            sampled = self.sampler(logits, sampling, self.outputs.generators(sampling), masks and masks.result(),
+                                   self.outputs.banned_tokens(sampling))
         except Exception as e:  # noqa: BLE001 - a failed step must not take other requests down
             log.exception("model step failed; failing its %d requests", len(batch))
             for request in self.outputs.fail(batch.requests, f"{type(e).__name__}: {e}"):

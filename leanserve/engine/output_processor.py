@@ -32,6 +32,7 @@ class Sequence:
             stop_strings=params.stop_strings, include_stop_str_in_output=params.include_stop_str_in_output)
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.matcher = matcher
+        self.bad_words = _bad_word_ids(tokenizer, params.bad_words or [])
         self.text_delta = ""
         self.token_delta: list[int] = []
         self.logprob_delta: list[Logprob] = []
@@ -95,6 +96,17 @@ class OutputProcessor:
         worker thread while the model runs (None if none is constrained)."""
         return self._masks.start([self._sequences[r.request_id][1].matcher for r in requests])
 
+    def banned_tokens(self, requests: list[Request]) -> dict[int, list[int]]:
+        """Per row (of those with bad words), the tokens that would complete one of them now."""
+        banned = {}
+        for i, r in enumerate(requests):
+            words = self._sequences[r.request_id][1].bad_words
+            tail = r.output_token_ids
+            ids = [w[-1] for w in words if len(w) == 1 or (len(tail) >= len(w) - 1 and tail[len(tail) - len(w) + 1:] == w[:-1])]
+            if ids:
+                banned[i] = ids
+        return banned
+
     def append(self, request: Request, token_id: int, logprob: Logprob | None) -> RequestStatus | None:
         """Add a sampled token to its request; the status it finishes with, if this token ends it."""
         group, sequence = self._sequences[request.request_id]
@@ -156,7 +168,8 @@ class OutputProcessor:
         first = group.sequences[0].request
         report = RequestOutput(group.request_id, group.prompt, first.prompt_token_ids,
                                [s.output(i, final) for i, s in enumerate(group.sequences)], error=first.error,
-                               arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time)
+                               arrival_time=first.arrival_time, first_scheduled_time=first.first_scheduled_time,
+                               num_cached_tokens=first.num_cached_tokens)
         if final:
             self.remove(group.request_id)
         return report
@@ -168,3 +181,9 @@ class OutputProcessor:
         for sequence in group.sequences if group else []:
             del self._sequences[sequence.request.request_id]
         return [s.request for s in group.sequences] if group else []
+
+
+def _bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
+    """Each bad word's token ids as it would be generated, with and without a leading space (as vLLM)."""
+    found = {tuple(tokenizer.encode(prefix + w.strip(), add_special_tokens=False)) for w in words for prefix in ("", " ")}
+    return [list(ids) for ids in found if ids]

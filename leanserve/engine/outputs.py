@@ -36,6 +36,7 @@ class RequestOutput:
     # time.monotonic() when the request arrived and when the scheduler first gave it compute.
     arrival_time: float = 0.0
     first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0          # prompt tokens read from the prefix cache
 
     @property
     def finished(self) -> bool:

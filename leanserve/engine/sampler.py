@@ -32,7 +32,9 @@ class Sampler:
     (made on the logits' device at first use); None uses torch's default
     generator. A row given its own generator (the engine makes one for each
     seeded request) draws only from it, so its tokens depend on its seed and
-    its logits, never on the rest of the batch.
+    its logits, never on the rest of the batch. masks holds the allowed next
+    tokens of the rows a grammar constrains; banned, the tokens some rows must
+    not take now (the last tokens of their bad words).
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -41,14 +43,14 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, requests: list[Request],
                  generators: list[torch.Generator | None] | None = None,
-                 masks: TokenMasks | None = None) -> SamplerOutput:
+                 masks: TokenMasks | None = None, banned: dict[int, list[int]] | None = None) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(requests):
             raise ValueError(f"expected logits of shape [{len(requests)}, vocab], got {tuple(logits.shape)}")
         generators = generators or [None] * len(requests)
         params = [r.sampling_params for r in requests]
         # The stages below never write into their input, so `logits` stays the
         # raw model output that log-probabilities are reported from.
-        penalized = _apply_token_masks(logits, requests, masks)
+        penalized = _apply_token_masks(logits, requests, masks, banned or {})
         penalized = _apply_logit_bias(penalized, requests)
         penalized = _mask_stop_tokens_under_min_tokens(penalized, requests)
         penalized = _apply_repetition_penalty(penalized, requests)
@@ -111,11 +113,12 @@ class Sampler:
         return self._generator
 
 
-def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: TokenMasks | None) -> torch.Tensor:
-    """Only the tokens a row's grammar (masks) and its allowed_token_ids allow stay possible."""
+def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: TokenMasks | None,
+                       banned: dict[int, list[int]]) -> torch.Tensor:
+    """Only the tokens a row's grammar (masks) and its allowed_token_ids allow, and not banned, stay possible."""
     allowed_lists = {i: r.sampling_params.allowed_token_ids for i, r in enumerate(requests)
                      if r.sampling_params.allowed_token_ids is not None}
-    if masks is None and not allowed_lists:
+    if masks is None and not allowed_lists and not banned:
         return logits
     allowed = torch.ones_like(logits, dtype=torch.bool)
     if masks is not None:
@@ -124,6 +127,8 @@ def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: Tok
         only = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
         only[torch.tensor(token_ids, device=logits.device)] = True
         allowed[i] &= only
+    for i, token_ids in banned.items():
+        allowed[i, torch.tensor(token_ids, device=logits.device)] = False
     return logits.masked_fill(~allowed, float("-inf"))
 
 

@@ -47,6 +47,7 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)   # prefix-cache hash of each full block
     stop_reason: int | str | None = None
     first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0            # prompt tokens read from the prefix cache when first scheduled
     error: str | None = None
 
     def __post_init__(self) -> None:

@@ -161,8 +161,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         stream = await submit(request_id, token_ids, params, text, body.priority)
         created = int(time.time())
         if body.stream:
-            return _sse(_chat_chunks(stream, request_id, created, answered_as(body.model), body, tracker,
-                                     tokenizer(), parser))
+            chunks = _ChunkMaker(request_id, "chat.completion.chunk", created, answered_as(body.model), body,
+                                 len(token_ids))
+            return _sse(_chat_chunks(stream, chunks, body, tracker, tokenizer(), parser))
         final = await _collect(stream, raw, tracker)
         choices = []
         for o in final.outputs:
@@ -195,8 +196,9 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         trackers = [metrics.track(len(ids)) for _, ids in prompts]
         created = int(time.time())
         if body.stream:
-            return _sse(_completion_chunks(streams, trackers, request_id, created, answered_as(body.model),
-                                           body, tokenizer()))
+            chunks = _ChunkMaker(request_id, "text_completion", created, answered_as(body.model), body,
+                                 sum(len(ids) for _, ids in prompts))
+            return _sse(_completion_chunks(streams, trackers, chunks, body, tokenizer()))
         finals = await asyncio.gather(*(_collect(s, raw, t) for s, t in zip(streams, trackers)))
         choices = []
         for p, final in enumerate(finals):
@@ -292,7 +294,8 @@ async def _collect(stream: AsyncIterator[RequestOutput], raw: Request, tracker) 
 def _usage(finals: list[RequestOutput]) -> dict:
     prompt = sum(len(f.prompt_token_ids) for f in finals)
     completion = sum(len(o.token_ids) for f in finals for o in f.outputs)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(f.num_cached_tokens for f in finals)}}
 
 
 def _token_text(tokenizer, token_id: int) -> str:
@@ -347,22 +350,33 @@ def _changed(output: RequestOutput, finished: set[int]) -> list:
     return changed
 
 
-def _chunk_maker(request_id: str, kind: str, created: int, model: str, include_usage: bool):
-    """Builds one streamed event; with include_usage every chunk has `usage` (null until the last)."""
-    def chunk(choices: list[dict], usage: dict | None = None) -> dict:
-        event = {"id": request_id, "object": kind, "created": created, "model": model, "choices": choices}
-        if include_usage:
+class _ChunkMaker:
+    """Builds a request's streamed events. With include_usage every chunk has `usage`: null until the last,
+    or, with continuous_usage_stats, the tokens so far (`produced` counts the completion tokens sent)."""
+
+    def __init__(self, request_id: str, kind: str, created: int, model: str, body, prompt_tokens: int) -> None:
+        self.head = {"id": request_id, "object": kind, "created": created, "model": model}
+        self.include_usage, self.continuous = body.include_usage, body.continuous_usage
+        self.prompt_tokens, self.produced = prompt_tokens, 0
+
+    def __call__(self, choices: list[dict], usage: dict | None = None) -> dict:
+        event = {**self.head, "choices": choices}
+        if self.continuous and usage is None:
+            usage = {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.produced,
+                     "total_tokens": self.prompt_tokens + self.produced}
+        if self.include_usage:
             event["usage"] = usage
         return event
-    return chunk
+
+    def count(self, output: RequestOutput) -> None:
+        self.produced += sum(len(o.token_ids_delta) for o in output.outputs)
 
 
-async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionRequest, tracker, tokenizer,
+async def _chat_chunks(stream, chunk: _ChunkMaker, body: ChatCompletionRequest, tracker, tokenizer,
                        parser: ToolCallParser | None):
     """The streamed chat events. With tools, each choice's text goes through a ToolCallStream: a complete call
     is sent as OpenAI streams one (its index, id and name first, then its arguments), and the choice finishes
     with "tool_calls" if it made any."""
-    chunk = _chunk_maker(request_id, "chat.completion.chunk", created, model, body.include_usage)
     yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                   "finish_reason": None} for i in range(body.n)])
     final, finished = None, set()
@@ -370,6 +384,7 @@ async def _chat_chunks(stream, request_id, created, model, body: ChatCompletionR
     async with _closing(stream):
         async for output in stream:
             tracker.progress(output)
+            chunk.count(output)
             final = output
             if output.error is not None:
                 yield _stream_error(output)
@@ -411,14 +426,14 @@ def _tool_deltas(calls: ToolCallStream, output) -> list[tuple[dict, str | None]]
     return deltas
 
 
-async def _completion_chunks(streams, trackers, request_id, created, model, body: CompletionRequest, tokenizer):
-    chunk = _chunk_maker(request_id, "text_completion", created, model, body.include_usage)
+async def _completion_chunks(streams, trackers, chunk: _ChunkMaker, body: CompletionRequest, tokenizer):
     finals: list[RequestOutput | None] = [None] * len(streams)
     offsets: dict[int, int] = {}
     finished: list[set[int]] = [set() for _ in streams]
     async with _closing(_merge(streams)) as merged:
         async for p, output in merged:
             trackers[p].progress(output)
+            chunk.count(output)
             finals[p] = output
             if output.error is not None:
                 yield _stream_error(output)

@@ -18,6 +18,7 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = False      # usage (so far) in every chunk
 
 
 class JsonSchemaFormat(_Body):
@@ -70,6 +71,10 @@ class _SamplingFields(_Body):
     priority: int = 0
     logit_bias: dict[str, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     # Structured outputs: OpenAI's response_format, vLLM's structured_outputs, or vLLM's older guided_* fields.
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
@@ -99,7 +104,9 @@ class _SamplingFields(_Body):
             top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
             frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty, seed=self.seed,
             stop=self.stop, ignore_eos=self.ignore_eos, logprobs=logprobs, logit_bias=self._logit_bias(),
-            allowed_token_ids=self.allowed_token_ids, structured_outputs=self._structured_outputs())
+            allowed_token_ids=self.allowed_token_ids, bad_words=self.bad_words, stop_token_ids=self.stop_token_ids,
+            include_stop_str_in_output=self.include_stop_str_in_output, skip_special_tokens=self.skip_special_tokens,
+            structured_outputs=self._structured_outputs())
 
     def _logit_bias(self) -> dict[int, float] | None:
         if self.logit_bias is None:
@@ -131,7 +138,12 @@ class _SamplingFields(_Body):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream and self.stream_options and (self.stream_options.include_usage
+                                                             or self.stream_options.continuous_usage_stats))
+
+    @property
+    def continuous_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class ToolCallFunction(_Body):
