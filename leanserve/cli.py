@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.set_defaults(func=serve.run)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    from leanserve.bench import attention, perplexity, prefill, scoreboard, serve as bench_serve, soak, throughput
+    from leanserve.bench import (attention, masks, perplexity, prefill, scoreboard, serve as bench_serve, soak,
+                                 throughput)
     for name, help_text, add_arguments, func in [
         ("scoreboard", "LeanServe against llama-server, vLLM and transformers; writes docs/benchmarks.md",
          scoreboard.add_arguments, scoreboard.run),
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
          attention.add_arguments, attention.run),
         ("perplexity", "perplexity and decode-step time of each weight format (float, int8, int4, llm_int8)",
          perplexity.add_arguments, perplexity.run),
+        ("masks", "what a structured output adds to each step: masks, applying them, consuming tokens",
+         masks.add_arguments, masks.run),
         ("soak", "a mix of requests as users send them through a real server, then memory, leaks and errors",
          soak.add_arguments, soak.run),
     ]:

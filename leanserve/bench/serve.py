@@ -54,9 +54,10 @@ def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[
     return [rng.gammavariate(burstiness, 1.0 / (rate * burstiness)) for _ in range(count)]
 
 
-async def send(client: httpx.AsyncClient, url: str, model: str, request: ChatRequest, headers: dict) -> RequestResult:
+async def send(client: httpx.AsyncClient, url: str, model: str, request: ChatRequest, headers: dict,
+               extra_body: dict | None = None) -> RequestResult:
     body = {"model": model, "messages": request.messages, "max_tokens": request.max_tokens, "temperature": 0.0,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}, **(extra_body or {})}
     result = RequestResult(start=time.perf_counter())
     try:
         async with client.stream("POST", url, json=body, headers=headers) as response:
@@ -95,7 +96,7 @@ async def send(client: httpx.AsyncClient, url: str, model: str, request: ChatReq
 
 async def run_load(base_url: str, requests: list[ChatRequest], *, model: str | None, rate: float,
                    burstiness: float, max_concurrency: int | None, seed: int, api_key: str | None,
-                   progress: bool = True) -> tuple[list[RequestResult], float]:
+                   progress: bool = True, extra_body: dict | None = None) -> tuple[list[RequestResult], float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(timeout=httpx.Timeout(3600.0), limits=limits) as client:
@@ -111,10 +112,10 @@ async def run_load(base_url: str, requests: list[ChatRequest], *, model: str | N
 
         async def one(request: ChatRequest) -> RequestResult:
             if gate is None:
-                result = await send(client, url, model, request, headers)
+                result = await send(client, url, model, request, headers, extra_body)
             else:
                 async with gate:
-                    result = await send(client, url, model, request, headers)
+                    result = await send(client, url, model, request, headers, extra_body)
             bar.update(1)
             return result
 
@@ -230,6 +231,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--goodput", nargs="*", metavar="SLO", help="SLOs like ttft:2000 tpot:100 (milliseconds)")
     parser.add_argument("--json", help="write the summary (and the command's arguments) to this file")
     parser.add_argument("--plot", help="write latency distributions and tokens/s over time to this PNG")
+    parser.add_argument("--extra-body", type=json.loads, help="JSON fields added to every request, e.g. "
+                        """'{"response_format": {"type": "json_object"}}'""")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     requests = load_workload(args.workload, args.num_prompts)
     results, duration = asyncio.run(run_load(
         args.base_url, requests, model=args.model, rate=args.request_rate, burstiness=args.burstiness,
-        max_concurrency=args.max_concurrency, seed=args.seed, api_key=args.api_key))
+        max_concurrency=args.max_concurrency, seed=args.seed, api_key=args.api_key, extra_body=args.extra_body))
     summary = summarize(results, duration, goodput)
     print_summary(summary)
     if args.json:

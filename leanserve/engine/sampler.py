@@ -129,7 +129,7 @@ def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: Tok
         allowed[i] &= only
     for i, token_ids in banned.items():
         allowed[i, torch.tensor(token_ids, device=logits.device)] = False
-    return logits.masked_fill(~allowed, float("-inf"))
+    return torch.where(allowed, logits, float("-inf"))
 
 
 def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
