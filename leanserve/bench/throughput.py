@@ -18,7 +18,7 @@ def _leanserve(args, requests) -> dict:
     from leanserve import LLM, SamplingParams
 
     llm = LLM(args.model, dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,
-              quantization=args.quantization)
+              quantization=args.quantization, deterministic=args.deterministic)
     single = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
     question = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
     llm.chat(question, SamplingParams(temperature=0.0, max_tokens=4), use_tqdm=False)   # warm-up
@@ -88,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens for the single-request decode figure")
+    parser.add_argument("--deterministic", action="store_true", help="batch-invariant logits (LLM(deterministic=True))")
     parser.add_argument("--transformers", action="store_true", help="also measure HuggingFace transformers")
     parser.add_argument("--hf-requests", type=int, default=16,
                         help="requests of the workload transformers runs (one at a time and as a padded batch)")

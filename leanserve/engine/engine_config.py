@@ -29,6 +29,8 @@ class EngineConfig:
     attention_backend: str = "auto"
     quantization: str | None = None       # "int8", "int4", "llm_int8", "float"; None: the checkpoint's choice
     kv_cache_dtype: str = "auto"           # "float32", "float16", "bfloat16"; "auto": see kv_cache_torch_dtype
+    # Every request's logits the same bits whatever else is in its steps (needs the native executor).
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

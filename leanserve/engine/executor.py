@@ -78,15 +78,18 @@ def native_linear(module: nn.Module, kernels):
 
 
 class NativeExecutor:
-    def __init__(self, model: LlamaForCausalLM, kernels, layers: list, lm_head, tile_size: int) -> None:
+    def __init__(self, model: LlamaForCausalLM, kernels, layers: list, lm_head, tile_size: int,
+                 batch_invariant: bool) -> None:
         cfg = model.config
-        self.model, self.kernels = model, kernels
+        self.model, self.kernels, self.batch_invariant = model, kernels, batch_invariant
         self.native = kernels.Executor(layers, lm_head, model.norm.weight, cfg.num_attention_heads,
-                                       cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, tile_size)
+                                       cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, tile_size,
+                                       batch_invariant)
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, tile_size: int = 128) -> NativeExecutor | str:
-        """The executor for `model` (its caches set), or a string saying why there is none."""
+    def build(cls, model: LlamaForCausalLM, tile_size: int = 128, batch_invariant: bool = False) -> NativeExecutor | str:
+        """The executor for `model` (its caches set), or a string saying why there is none. batch_invariant:
+        every token through the prefill attention kernel, so that its logits are the same bits in any batch."""
         if model.embed_tokens.weight.device.type != "cpu" or model.embed_tokens.weight.dtype != torch.float32:
             return "the native executor runs float32 activations on the CPU"
         kernels = native_kernels()
@@ -105,7 +108,7 @@ class NativeExecutor:
         lm_head = native_linear(model.lm_head, kernels)
         if isinstance(lm_head, str):
             return "LM head: " + lm_head
-        return cls(model, kernels, layers, lm_head, tile_size)
+        return cls(model, kernels, layers, lm_head, tile_size, batch_invariant)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         plan = self.native.plan(md.query_starts, md.query_lens, md.context_lens, md.block_tables, md.slot_mapping)
@@ -117,6 +120,13 @@ class NativeExecutor:
 
     def describe(self) -> dict[str, str]:
         isa = self.kernels.ISA
+        attention = ("flash attention for every token (batch-invariant)" if self.batch_invariant
+                     else "lean attention (decode), flash attention (prefill)")
         return {"executor": f"native ({isa})",
                 "linear": f"native {isa}: int4/int8 blocks as stored, 16-bit activations",
-                "attention": f"native {isa}: lean attention (decode), flash attention (prefill) on the paged cache"}
+                "attention": f"native {isa}: {attention} on the paged cache"}
+
+    @property
+    def dense_linears(self) -> int:
+        """float32 linears (torch's matmul, whose sums may be ordered by the batch's size)."""
+        return sum(type(m) is nn.Linear and m.weight.dtype == torch.float32 for m in self.model.modules())

@@ -9,6 +9,7 @@ import os
 import torch
 
 from leanserve.engine.engine_config import EngineConfig
+from leanserve.engine.executor import NativeExecutor
 from leanserve.engine.loader import load_checkpoint
 from leanserve.engine.model_runner import ModelRunner, kv_bytes_per_token
 from leanserve.engine.output_processor import OutputProcessor
@@ -49,7 +50,7 @@ class LLMEngine:
                                   config.block_size, config.device, config.attention_backend,
                                   quantize=functools.partial(quantize_model, mode=self.quantization,
                                                              checkpoint=checkpoint, device=config.device),
-                                  kv_cache_dtype=config.kv_cache_torch_dtype)
+                                  kv_cache_dtype=config.kv_cache_torch_dtype, deterministic=config.deterministic)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.enable_chunked_prefill)
@@ -66,6 +67,11 @@ class LLMEngine:
                         "kv_cache_tokens": kv_tokens, "kv_cache_gib": round(
                             kv_tokens * kv_bytes_per_token(self.model_config, kv_dtype) / 2**30, 2)})
         self.kernels = self.runner.executor.describe()
+        executor = self.runner.executor
+        if config.deterministic and not (isinstance(executor, NativeExecutor) and executor.dense_linears == 0):
+            log.warning("deterministic: batch-invariant logits need the native executor with quantized weights "
+                        "(int4, int8); this model runs %s, whose float32 matmuls may sum in another order in "
+                        "another batch", self.kernels["executor"])
         log.info("kernels: %s", "; ".join(f"{op}: {path}" for op, path in self.kernels.items()), extra=self.kernels)
 
     def _num_kv_blocks(self) -> int:

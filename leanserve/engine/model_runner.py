@@ -34,7 +34,7 @@ class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto",
                  quantize: Callable[[LlamaForCausalLM], object] | None = None,
-                 kv_cache_dtype: torch.dtype | None = None) -> None:
+                 kv_cache_dtype: torch.dtype | None = None, deterministic: bool = False) -> None:
         """`quantize`, if given, swaps quantized modules into the loaded float model; the KV cache is
         `kv_cache_dtype` (default: the model's dtype). `attention_backend` "auto" runs the native executor
         where it can, else the torch model with the device's attention backend; "torch" or "triton" run
@@ -57,7 +57,7 @@ class ModelRunner:
         for i, layer in enumerate(self.model.layers):
             layer.self_attn.k_cache = self.k_cache[i]
             layer.self_attn.v_cache = self.v_cache[i]
-        native = (NativeExecutor.build(self.model) if attention_backend == "auto"
+        native = (NativeExecutor.build(self.model, batch_invariant=deterministic) if attention_backend == "auto"
                   else f"attention_backend={attention_backend!r}")
         self.executor: Executor = (native if isinstance(native, NativeExecutor)
                                    else TorchExecutor(self.model, backend, native))

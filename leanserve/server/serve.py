@@ -19,18 +19,24 @@ from leanserve.server.tool_calls import PARSERS
 log = logging.getLogger("leanserve.server")
 
 
+def _flag(value: str) -> bool:
+    """true/false, yes/no, on/off or 1/0 (bool("false") would be True)."""
+    word = value.strip().lower()
+    if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return word in ("1", "true", "yes", "on")
+
+
 def _env(name: str, default=None, kind=str):
     value = os.environ.get(f"LEANSERVE_{name.upper().replace('-', '_')}")
     if value is None:
         return default
-    if kind is bool:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    return kind(value)
+    return _flag(value) if kind is bool else kind(value)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     def option(name: str, kind=str, default=None, **kwargs):
-        parser.add_argument(f"--{name}", type=kind, default=_env(name, default, kind),
+        parser.add_argument(f"--{name}", type=_flag if kind is bool else kind, default=_env(name, default, kind),
                             help=f"{kwargs.pop('help', '')} [env LEANSERVE_{name.upper().replace('-', '_')}]",
                             **kwargs)
 
@@ -59,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     option("max-body-bytes", int, 4 * 1024 * 1024, help="largest request body")
     option("shutdown-timeout", float, 30.0, help="seconds in-flight requests get to finish after SIGTERM")
     option("seed", int, 0, help="seed for unseeded sampling")
+    option("deterministic", bool, False, help="batch-invariant logits: a request's tokens and log-probs the same "
+           "bits in any batch, chunking, prefix-cache state or preemption (true/false)")
     option("log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
 
 
@@ -123,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
                           max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                           kv_cache_tokens=args.kv_cache_tokens, block_size=args.block_size,
                           enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
+                          deterministic=args.deterministic,
                           quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype)
     llm = AsyncLLM(config)
     llm.start()

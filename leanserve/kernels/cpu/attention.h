@@ -39,12 +39,16 @@ constexpr int64_t kKeyGroup = simd::kRegisters == 32 ? 8 : 4, kDimGroup = kKeyGr
 
 // A step's batch as attention sees it, worked out once per step and shared by every layer.
 // A row with one new token is a decode row (lean attention); a row with more is a prefill segment.
+// Batch-invariant plans make every row a prefill segment: a token's attention is then the same sums
+// in the same order whether it is decoded, prefilled in one piece or in chunks, or recomputed after
+// preemption (lean attention's tiles and merge compute the same values in another order).
 struct StepPlan {
   struct Tile { int64_t seq, start, end; };                 // decode sequence, tokens [start, end)
   struct Segment { int64_t start, q_len, context; const int64_t* table; };
   struct Item { int64_t seg, head, first, rows, cost; };    // KV head, flat rows [first, first + rows)
 
   int64_t block_size, heads, kv_heads, tile;
+  bool batch_invariant;
   at::Tensor slots;                          // [T] int64: the cache slot of each new token
   std::vector<int64_t> tables;               // every sequence's block table, back to back
   std::vector<int64_t> decode_rows;
@@ -57,8 +61,10 @@ struct StepPlan {
 
   StepPlan(const std::vector<int64_t>& query_starts, const std::vector<int64_t>& query_lens,
            const std::vector<int64_t>& context_lens, const std::vector<std::vector<int64_t>>& block_tables,
-           at::Tensor slot_mapping, int64_t block_size_, int64_t heads_, int64_t kv_heads_, int64_t tile_)
-      : block_size(block_size_), heads(heads_), kv_heads(kv_heads_), tile(tile_), slots(slot_mapping.contiguous()) {
+           at::Tensor slot_mapping, int64_t block_size_, int64_t heads_, int64_t kv_heads_, int64_t tile_,
+           bool batch_invariant_ = false)
+      : block_size(block_size_), heads(heads_), kv_heads(kv_heads_), tile(tile_), batch_invariant(batch_invariant_),
+        slots(slot_mapping.contiguous()) {
     const size_t n = query_lens.size();
     TORCH_CHECK(query_starts.size() == n && context_lens.size() == n && block_tables.size() == n,
                 "one start, length, context and block table a sequence");
@@ -78,7 +84,7 @@ struct StepPlan {
       TORCH_CHECK(static_cast<int64_t>(block_tables[s].size()) * block_size >= context,
                   "a sequence's block table must cover its context");
       const int64_t* table = tables.data() + offsets[s];
-      if (q_len == 1) {
+      if (q_len == 1 && !batch_invariant) {
         const int64_t seq = static_cast<int64_t>(decode_rows.size());
         decode_rows.push_back(query_starts[s]);
         decode_tables.push_back(table);
@@ -297,8 +303,10 @@ void gather_rows(const StepPlan::Segment& seg, const T* cache, int64_t head, int
   }
 }
 
-// One item; q [T, H, D] float32, scaled already; writes its rows of out [T, H, D].
-template <typename T>
+// One item; q [T, H, D] float32, scaled already; writes its rows of out [T, H, D]. RV: the row vectors
+// worked on (kRowVecs, or 1 for an item of at most kLanes rows, such as a decode row's query heads); each
+// lane's arithmetic is the same either way.
+template <typename T, int RV>
 void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, const float* q, const T* k_cache,
                   const T* v_cache, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, float* out,
                   float* scratch) {
@@ -318,8 +326,8 @@ void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, cons
     for (int64_t d = 0; d < dim; ++d) qt[d * kRows + r] = src[d];
     position[r] = static_cast<float>(cached + t);
   }
-  simd::Vec row_position[kRowVecs], row_max[kRowVecs], row_sum[kRowVecs];
-  for (int i = 0; i < kRowVecs; ++i) {
+  simd::Vec row_position[RV], row_max[RV], row_sum[RV];
+  for (int i = 0; i < RV; ++i) {
     row_position[i] = simd::load(position + simd::kLanes * i);
     row_max[i] = simd::set1(-std::numeric_limits<float>::infinity());
     row_sum[i] = simd::zero();
@@ -334,23 +342,23 @@ void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, cons
     // Scores: st[j, r] = keys[j] . qt[:, r], kKeyGroup keys at a time.
     for (int64_t j0 = 0; j0 < n; j0 += kKeyGroup) {
       const int64_t m = std::min(kKeyGroup, n - j0);
-      simd::Vec acc[kKeyGroup][kRowVecs];
+      simd::Vec acc[kKeyGroup][RV];
       for (int j = 0; j < kKeyGroup; ++j)
-        for (int i = 0; i < kRowVecs; ++i) acc[j][i] = simd::zero();
+        for (int i = 0; i < RV; ++i) acc[j][i] = simd::zero();
       for (int64_t d = 0; d < dim; ++d) {
-        simd::Vec qv[kRowVecs];
-        for (int i = 0; i < kRowVecs; ++i) qv[i] = simd::load(qt + d * kRows + simd::kLanes * i);
+        simd::Vec qv[RV];
+        for (int i = 0; i < RV; ++i) qv[i] = simd::load(qt + d * kRows + simd::kLanes * i);
         for (int j = 0; j < kKeyGroup; ++j) {
           const simd::Vec key = simd::set1(keys[(j0 + std::min<int64_t>(j, m - 1)) * dim + d]);
-          for (int i = 0; i < kRowVecs; ++i) acc[j][i] = simd::fmadd(key, qv[i], acc[j][i]);
+          for (int i = 0; i < RV; ++i) acc[j][i] = simd::fmadd(key, qv[i], acc[j][i]);
         }
       }
       for (int j = 0; j < kKeyGroup; ++j)    // all of them (st has room): a partial store would spill acc
-        for (int i = 0; i < kRowVecs; ++i) simd::store(st + (j0 + j) * kRows + simd::kLanes * i, acc[j][i]);
+        for (int i = 0; i < RV; ++i) simd::store(st + (j0 + j) * kRows + simd::kLanes * i, acc[j][i]);
     }
     // The online softmax; keys past a row's token get probability 0 (the causal mask).
-    simd::Vec alpha[kRowVecs];
-    for (int i = 0; i < kRowVecs; ++i) {
+    simd::Vec alpha[RV];
+    for (int i = 0; i < RV; ++i) {
       auto visible = [&](int64_t j, simd::Vec x, simd::Vec otherwise) {
         return k0 + j > first_pos ? simd::select_ge(row_position[i], simd::set1(static_cast<float>(k0 + j)), x, otherwise)
                                   : x;
@@ -371,24 +379,24 @@ void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, cons
     }
     // ot[d, r] = alpha[r] ot[d, r] + sum_j values[j, d] st[j, r], kDimGroup dims at a time.
     for (int64_t d0 = 0; d0 < dim; d0 += kDimGroup) {
-      simd::Vec acc[kDimGroup][kRowVecs];
+      simd::Vec acc[kDimGroup][RV];
       for (int e = 0; e < kDimGroup; ++e)
-        for (int i = 0; i < kRowVecs; ++i)
+        for (int i = 0; i < RV; ++i)
           acc[e][i] = simd::mul(simd::load(ot + (d0 + e) * kRows + simd::kLanes * i), alpha[i]);
       for (int64_t j = 0; j < n; ++j) {
-        simd::Vec p[kRowVecs];
-        for (int i = 0; i < kRowVecs; ++i) p[i] = simd::load(st + j * kRows + simd::kLanes * i);
+        simd::Vec p[RV];
+        for (int i = 0; i < RV; ++i) p[i] = simd::load(st + j * kRows + simd::kLanes * i);
         for (int e = 0; e < kDimGroup; ++e) {
           const simd::Vec value = simd::set1(values[j * dim + d0 + e]);
-          for (int i = 0; i < kRowVecs; ++i) acc[e][i] = simd::fmadd(value, p[i], acc[e][i]);
+          for (int i = 0; i < RV; ++i) acc[e][i] = simd::fmadd(value, p[i], acc[e][i]);
         }
       }
       for (int e = 0; e < kDimGroup; ++e)
-        for (int i = 0; i < kRowVecs; ++i) simd::store(ot + (d0 + e) * kRows + simd::kLanes * i, acc[e][i]);
+        for (int i = 0; i < RV; ++i) simd::store(ot + (d0 + e) * kRows + simd::kLanes * i, acc[e][i]);
     }
   }
   alignas(64) float inverse[kRows];
-  for (int i = 0; i < kRowVecs; ++i) simd::store(inverse + simd::kLanes * i, simd::div(simd::set1(1.f), row_sum[i]));
+  for (int i = 0; i < RV; ++i) simd::store(inverse + simd::kLanes * i, simd::div(simd::set1(1.f), row_sum[i]));
   for (int64_t r = 0; r < item.rows; ++r) {
     const int64_t f = item.first + r, t = f / groups, h = item.head * groups + f % groups;
     float* dst = out + ((seg.start + t) * heads + h) * dim;
@@ -406,8 +414,12 @@ void prefill_attention(const StepPlan& plan, const float* q, const T* k_cache, c
 #pragma omp for schedule(dynamic, 1)
     for (size_t i = 0; i < plan.items.size(); ++i) {
       const StepPlan::Item& item = plan.items[i];
-      prefill_item<T>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
-                      plan.block_size, out, scratch.data());
+      if (item.rows <= simd::kLanes)
+        prefill_item<T, 1>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
+                           plan.block_size, out, scratch.data());
+      else
+        prefill_item<T, kRowVecs>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
+                                  plan.block_size, out, scratch.data());
     }
   }
 }

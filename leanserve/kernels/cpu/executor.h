@@ -42,9 +42,9 @@ struct DecoderLayer {
 class Executor {
  public:
   Executor(std::vector<DecoderLayer> layers, Linear lm_head, at::Tensor final_norm, int64_t heads, int64_t kv_heads,
-           int64_t head_dim, double eps, int64_t tile)
+           int64_t head_dim, double eps, int64_t tile, bool batch_invariant)
       : layers_(std::move(layers)), lm_head_(std::move(lm_head)), final_norm_(final_norm.contiguous()), heads_(heads),
-        kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), tile_(tile) {
+        kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps), tile_(tile), batch_invariant_(batch_invariant) {
     TORCH_CHECK(!layers_.empty() && tile > 0, "an executor needs layers and a tile size");
     for (const DecoderLayer& layer : layers_) {
       check_cache(layer.k_cache, layer.v_cache, kv_heads, head_dim);
@@ -58,7 +58,7 @@ class Executor {
                 const std::vector<int64_t>& context_lens, const std::vector<std::vector<int64_t>>& block_tables,
                 at::Tensor slots) const {
     return StepPlan(query_starts, query_lens, context_lens, block_tables, slots, layers_[0].k_cache.size(1), heads_,
-                    kv_heads_, tile_);
+                    kv_heads_, tile_, batch_invariant_);
   }
 
   // x [T, hidden]: the step's token embeddings; cos and signed sin [T, D] of their positions.
@@ -94,6 +94,7 @@ class Executor {
   int64_t heads_, kv_heads_, head_dim_;
   double eps_;
   int64_t tile_;
+  bool batch_invariant_;      // every row through the prefill kernel (StepPlan)
 };
 
 }  // namespace leanserve

@@ -92,9 +92,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_step", &checked_attention_step);
   py::class_<StepPlan>(m, "StepPlan", py::module_local())
       .def(py::init<const std::vector<int64_t>&, const std::vector<int64_t>&, const std::vector<int64_t>&,
-                    const std::vector<std::vector<int64_t>>&, at::Tensor, int64_t, int64_t, int64_t, int64_t>(),
+                    const std::vector<std::vector<int64_t>>&, at::Tensor, int64_t, int64_t, int64_t, int64_t, bool>(),
            py::arg("query_starts"), py::arg("query_lens"), py::arg("context_lens"), py::arg("block_tables"),
-           py::arg("slot_mapping"), py::arg("block_size"), py::arg("heads"), py::arg("kv_heads"), py::arg("tile"))
+           py::arg("slot_mapping"), py::arg("block_size"), py::arg("heads"), py::arg("kv_heads"), py::arg("tile"),
+           py::arg("batch_invariant") = false)
       .def_property_readonly("num_tiles", [](const StepPlan& p) { return p.tiles.size(); })
       .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); });
   py::class_<Linear>(m, "Linear", py::module_local())
@@ -111,9 +112,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
            py::arg("down"), py::arg("k_cache"), py::arg("v_cache"));
   py::class_<Executor>(m, "Executor", py::module_local())
-      .def(py::init<std::vector<DecoderLayer>, Linear, at::Tensor, int64_t, int64_t, int64_t, double, int64_t>(),
+      .def(py::init<std::vector<DecoderLayer>, Linear, at::Tensor, int64_t, int64_t, int64_t, double, int64_t, bool>(),
            py::arg("layers"), py::arg("lm_head"), py::arg("final_norm"), py::arg("heads"), py::arg("kv_heads"),
-           py::arg("head_dim"), py::arg("eps"), py::arg("tile"))
+           py::arg("head_dim"), py::arg("eps"), py::arg("tile"), py::arg("batch_invariant") = false)
       .def("plan", &Executor::plan)
       .def("forward", &Executor::forward, py::call_guard<py::gil_scoped_release>())
       .def("logits", &Executor::logits, py::call_guard<py::gil_scoped_release>());
