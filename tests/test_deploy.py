@@ -155,8 +155,13 @@ def exposed_ports(cfg: dict) -> set[int]:
 
 
 def check_dockerfile_stages(cfg: dict) -> None:
-    _, stages = parse_dockerfile(cfg["dockerfile"])
+    global_args, stages = parse_dockerfile(cfg["dockerfile"])
     final, builder = final_and_builder(cfg)
+    # Both stages start from the BASE_IMAGE build argument, so that scripts/image-test.sh can build on
+    # another base (a Debian made with debootstrap) what users build on the slim Python image.
+    assert "BASE_IMAGE" in global_args, "the Dockerfile must declare ARG BASE_IMAGE before the first FROM"
+    froms = re.findall(r"^\s*FROM\s+(\S+)", cfg["dockerfile"], re.M | re.I)
+    assert all(f == "${BASE_IMAGE}" for f in froms), f"every stage must be FROM ${{BASE_IMAGE}}: {froms}"
     for stage in (builder, final):
         assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-\w+)?", stage["image"]), stage["image"]
     assert builder["image"] == final["image"], "builder and final stage must use the same base"
@@ -818,7 +823,10 @@ def _epp_engine(**fields):
 
 BREAKAGES = [
     # Dockerfile
-    (check_dockerfile_stages, _docker_re(r"^FROM \$\{PYTHON_IMAGE\}$", "FROM python:3.12-slim"), "other-base"),
+    (check_dockerfile_stages, _docker("ARG BASE_IMAGE=python:3.11-slim", "ARG BASE_IMAGE=python:3.12-slim"),
+     "other-base"),
+    (check_dockerfile_stages, _docker_re(r"^FROM \$\{BASE_IMAGE\}$", "FROM python:3.11-slim"), "fixed-base"),
+    (check_dockerfile_stages, _docker_re(r"^ARG BASE_IMAGE=(.*)$", r"ARG PYTHON_IMAGE=\1"), "no-base-arg"),
     (check_dockerfile_stages, _docker("COPY leanserve/ leanserve/", "COPY . ."), "copies-everything"),
     (check_dockerfile_stages, lambda c: c.update(dockerignore=""), "no-dockerignore"),
     (check_dockerfile_install_order, _docker("ARG TORCH_VERSION=2.13.0", "ARG TORCH_VERSION=2.12.0"),

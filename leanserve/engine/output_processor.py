@@ -100,9 +100,9 @@ class OutputProcessor:
         """Per row (of those with bad words), the tokens that would complete one of them now."""
         banned = {}
         for i, r in enumerate(requests):
-            words = self._sequences[r.request_id][1].bad_words
-            tail = r.output_token_ids
-            ids = [w[-1] for w in words if len(w) == 1 or (len(tail) >= len(w) - 1 and tail[len(tail) - len(w) + 1:] == w[:-1])]
+            tail = r.output_token_ids          # a word's last token is banned where the output ends with the rest
+            ids = [w[-1] for w in self._sequences[r.request_id][1].bad_words
+                   if len(tail) >= len(w) - 1 and tail[len(tail) - len(w) + 1:] == w[:-1]]
             if ids:
                 banned[i] = ids
         return banned
@@ -185,5 +185,6 @@ class OutputProcessor:
 
 def _bad_word_ids(tokenizer: Tokenizer, words: list[str]) -> list[list[int]]:
     """Each bad word's token ids as it would be generated, with and without a leading space (as vLLM)."""
-    found = {tuple(tokenizer.encode(prefix + w.strip(), add_special_tokens=False)) for w in words for prefix in ("", " ")}
+    found = {tuple(tokenizer.encode(prefix + w.strip(), add_special_tokens=False))
+             for w in words for prefix in ("", " ")}
     return [list(ids) for ids in found if ids]
