@@ -55,7 +55,7 @@ def engines(tiny_hf_dir):
     return make, models, alone
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(model=st.sampled_from(["tiny", "smollm2"]),
        mix=st.lists(st.integers(0, len(POOL) - 1), min_size=1, max_size=10),
        warm=st.lists(st.integers(0, len(POOL) - 1), max_size=4),

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import llguidance
-import llguidance.torch
 import torch
 
 from leanserve.engine.tokenizer import Tokenizer
@@ -109,7 +108,9 @@ class MaskFiller:
         return self._pool.submit(self._fill, rows, [matchers[i] for i in rows])
 
     def _fill(self, rows: list[int], matchers: list[llguidance.LLMatcher]) -> TokenMasks:
-        bitmask = llguidance.torch.allocate_token_bitmask(len(rows), self.vocab_size)
-        llguidance.torch.fill_next_token_bitmask_par(self._executor, [(m, j) for j, m in enumerate(matchers)],
-                                                     bitmask)
+        # What llguidance.torch's fill_next_token_bitmask_par does; that module is not imported, since it runs
+        # torch.compile at import, which imports Triton before TRITON_INTERPRET can be set.
+        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        self._executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
+                                               bitmask.shape[1] * 4, len(rows))
         return TokenMasks(rows, bitmask)
