@@ -104,7 +104,7 @@ def test_first_step_logits_match_transformers(llm, hf_model, prompt_ids):
     for i, ids in enumerate(prompt_ids[:4]):
         engine.add_request(f"logits-{i}", ids, SamplingParams(max_tokens=1))
     batch = engine.scheduler.schedule()
-    ours, _ = engine.runner.execute(batch)
+    ours = engine.runner.execute(batch)
     for i in range(4):
         engine.abort_request(f"logits-{i}")
     for i, ids in enumerate(prompt_ids[:4]):

@@ -356,6 +356,6 @@ def test_sequence_log_probs_equal_the_engine_logits(tiny_hf_dir: Path) -> None:
     prompt = PROMPTS[1]
     log_probs, _ = perplexity.sequence_log_probs(engine.runner, prompt + [9])
     engine.add_request("x", prompt, SamplingParams(max_tokens=1))
-    logits, _ = engine.runner.execute(engine.scheduler.schedule())
+    logits = engine.runner.execute(engine.scheduler.schedule())
     engine.abort_request("x")
     torch.testing.assert_close(log_probs[-1], torch.log_softmax(logits[0], -1), rtol=1e-5, atol=1e-5)

@@ -2,14 +2,13 @@
 official openai client. Outputs are checked by parsing and validating them, never by comparing to a fixed text."""
 import asyncio
 import json
+from typing import Annotated, Literal
 
 import httpx
 import pytest
-from typing import Annotated, Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from tests.test_server_e2e import start_server, stop_server
+from tests.test_server_e2e import client, server  # noqa: F401 - the real server's fixtures
 
 openai = pytest.importorskip("openai")
 
@@ -27,17 +26,6 @@ PERSON_FORMAT = {"type": "json_schema",
 ASK = [{"role": "user", "content": "Describe a fictional programmer as JSON: name, age and languages."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    process, base = start_server("smollm2", "--kv-cache-tokens", "32768")
-    yield base
-    assert stop_server(process) == 0
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server}/v1", api_key="none")
-
 
 def test_parse_returns_a_pydantic_object(client):
     completion = client.chat.completions.parse(model="smollm2", messages=ASK, response_format=Person, max_tokens=120,
@@ -47,7 +35,7 @@ def test_parse_returns_a_pydantic_object(client):
 
 
 def test_seeded_sampled_requests_follow_the_schema_streaming_and_not(server):
-    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=300)
+    client = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key="test-key", max_retries=0, timeout=300)
 
     async def one(seed: int) -> list[str]:
         args = dict(model="smollm2", messages=ASK, response_format=PERSON_FORMAT, max_tokens=150, temperature=0.8,
@@ -100,8 +88,8 @@ def test_logit_bias_bans_the_first_choice(server, client):
     args = dict(model="smollm2", prompt="The capital of France is", max_tokens=1, temperature=0, logprobs=2)
     first = client.completions.create(**args).choices[0].logprobs
     favourite = first.tokens[0]
-    favourite_id = httpx.post(f"{server}/tokenize", json={"prompt": favourite, "add_special_tokens": False}).json()[
-        "tokens"]
+    favourite_id = httpx.post(f"{server}/tokenize", json={"prompt": favourite, "add_special_tokens": False},
+                              headers={"Authorization": "Bearer test-key"}).json()["tokens"]
     assert len(favourite_id) == 1
     banned = client.completions.create(**args, logit_bias={str(favourite_id[0]): -100}).choices[0].logprobs
     assert banned.tokens[0] != favourite

@@ -155,7 +155,7 @@ class LLMEngine:
         sampling = batch.sampling_requests()
         masks = self.outputs.start_masks(sampling)        # computed while the model runs
         try:
-            logits, _ = self.runner.execute(batch)
+            logits = self.runner.execute(batch)
             sampled = self.sampler(logits, sampling, self.outputs.generators(sampling), masks and masks.result(),
                                    self.outputs.banned_tokens(sampling))
         except Exception as e:  # noqa: BLE001 - a failed step must not take other requests down

@@ -10,7 +10,6 @@ from leanserve.engine.executor import Executor, NativeExecutor, TorchExecutor
 from leanserve.engine.models.llama import LlamaForCausalLM
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
 from leanserve.kernels.quant import use_triton_kernels
-from leanserve.scheduler.request import Request
 from leanserve.scheduler.scheduler import ScheduledBatch
 
 
@@ -69,12 +68,12 @@ class ModelRunner:
             self.v_cache.zero_()
 
     def prepare(self, batch: ScheduledBatch):
-        """Flat inputs for the batch: token ids, positions, attention metadata, the rows whose logits are
-        sampled and their requests."""
+        """Flat inputs for the batch: token ids, positions, attention metadata and the rows whose logits are
+        sampled (those of `batch.sampling_requests()`, in its order)."""
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        query_starts, context_lens, sample_rows, sampling = [], [], [], []
+        query_starts, context_lens, sample_rows = [], [], []
         bs = self.block_size
         for request, n in zip(batch.requests, batch.num_tokens):
             start = request.num_computed_tokens
@@ -87,17 +86,16 @@ class ModelRunner:
             context_lens.append(end)
             if batch.samples(request, n):
                 sample_rows.append(len(input_ids) - 1)
-                sampling.append(request)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, device=self.device), query_starts=query_starts, query_lens=list(batch.num_tokens),
             context_lens=context_lens, block_tables=[r.block_table for r in batch.requests], block_size=bs)
         device = self.device
         return (torch.tensor(input_ids, device=device), torch.tensor(positions, device=device), metadata,
-                torch.tensor(sample_rows, dtype=torch.long, device=device), sampling)
+                torch.tensor(sample_rows, dtype=torch.long, device=device))
 
     @torch.inference_mode()
-    def execute(self, batch: ScheduledBatch) -> tuple[torch.Tensor, list[Request]]:
-        """Run one step; return float32 logits of the requests that sample now, and those requests."""
-        input_ids, positions, metadata, sample_rows, sampling = self.prepare(batch)
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Run one step; return float32 logits of the requests that sample now (`batch.sampling_requests()`)."""
+        input_ids, positions, metadata, sample_rows = self.prepare(batch)
         hidden = self.executor.forward(input_ids, positions, metadata)
-        return self.executor.compute_logits(hidden[sample_rows]).cpu(), sampling
+        return self.executor.compute_logits(hidden[sample_rows]).cpu()

@@ -115,21 +115,26 @@ class Sampler:
 
 def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: TokenMasks | None,
                        banned: dict[int, list[int]]) -> torch.Tensor:
-    """Only the tokens a row's grammar (masks) and its allowed_token_ids allow, and not banned, stay possible."""
+    """Only the tokens a row's grammar (masks) and its allowed_token_ids allow, and not banned, stay possible.
+    Only the rows with such a rule are touched."""
     allowed_lists = {i: r.sampling_params.allowed_token_ids for i, r in enumerate(requests)
                      if r.sampling_params.allowed_token_ids is not None}
-    if masks is None and not allowed_lists and not banned:
+    rows = sorted({*(masks.rows if masks is not None else ()), *allowed_lists, *banned})
+    if not rows:
         return logits
-    allowed = torch.ones_like(logits, dtype=torch.bool)
+    device, vocab_size = logits.device, logits.shape[1]
+    at = {row: j for j, row in enumerate(rows)}
+    allowed = torch.ones(len(rows), vocab_size, dtype=torch.bool, device=device)
     if masks is not None:
-        allowed[torch.tensor(masks.rows, device=logits.device)] = masks.allowed(logits.shape[1]).to(logits.device)
+        allowed[torch.tensor([at[r] for r in masks.rows], device=device)] = masks.allowed(vocab_size).to(device)
     for i, token_ids in allowed_lists.items():
-        only = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
-        only[torch.tensor(token_ids, device=logits.device)] = True
-        allowed[i] &= only
+        only = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        only[torch.tensor(token_ids, device=device)] = True
+        allowed[at[i]] &= only
     for i, token_ids in banned.items():
-        allowed[i, torch.tensor(token_ids, device=logits.device)] = False
-    return torch.where(allowed, logits, float("-inf"))
+        allowed[at[i], torch.tensor(token_ids, device=device)] = False
+    row_index = torch.tensor(rows, device=device)
+    return logits.index_copy(0, row_index, torch.where(allowed, logits.index_select(0, row_index), float("-inf")))
 
 
 def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
