@@ -175,7 +175,7 @@ def test_attention_step_equals_rotary_cache_write_and_attention(kernels, dtype):
     """The fused step (rotary, cache write, prefill and decode attention in one call) on a batch of decodes,
     fresh prompts and chunks after cached prefixes: the cache holds torch's rounding of the rotated keys
     and of the values, bit for bit, and each row's attention is float64's over them."""
-    from leanserve.engine.models.llama import rotate
+    from leanserve.engine.models.decoder import rotate
 
     heads, kv_heads, d = 6, 2, 32
     shapes = [(0, 1), (39, 1), (0, 50), (129, 1), (20, 13)]

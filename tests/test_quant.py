@@ -24,7 +24,7 @@ from leanserve.engine.loader import (
     load_checkpoint,
     open_gguf,
 )
-from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.engine.models.decoder import DecoderForCausalLM
 from leanserve.engine.quantize import default_quantization, quantize_model, resolve_quantization, save_quantized
 from leanserve.engine.executor import native_linear
 from leanserve.kernels.cpu_kernels import native_kernels
@@ -193,7 +193,7 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
     checkpoint = _tiny_gguf_checkpoint(path)
     config = checkpoint.config
     assert default_quantization(checkpoint) == ("float" if qtype == Q.Q8_0 else "int4")
-    model = LlamaForCausalLM(config, backend=None)
+    model = DecoderForCausalLM(config, backend=None)
     model.load_weights(checkpoint.weights)
     formats = quantize_model(model, "int4", checkpoint)
     assert len(formats) == 4 * config.num_hidden_layers + 1
@@ -230,7 +230,7 @@ def test_quantized_head_logits_are_exact(tmp_path: Path, tiny_hf_dir: Path) -> N
     native executor's are within its 16-bit activations of them, with the same top candidates."""
     path = make_tiny_llama_gguf(tmp_path / "tiny-q8_0.gguf", tiny_hf_dir, Q.Q8_0, tokenizer=False)
     checkpoint = _tiny_gguf_checkpoint(path)
-    model = LlamaForCausalLM(checkpoint.config, backend=None)
+    model = DecoderForCausalLM(checkpoint.config, backend=None)
     model.load_weights(checkpoint.weights)
     quantize_model(model, "int4", checkpoint)
     assert isinstance(model.lm_head, Int8Linear) and model.lm_head.group_size == 32

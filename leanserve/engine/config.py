@@ -1,7 +1,13 @@
-"""Model hyper-parameters, one dataclass for every supported checkpoint format."""
+"""Model hyper-parameters, one dataclass for every supported architecture and checkpoint format.
+
+A decoder layer of every supported family is the same skeleton (RMSNorm, rotary attention with
+GQA, a gated MLP, residual adds); `ModelConfig` says which of its options a family switches on
+(biases, norms, activation, soft-capping, scales) and `layers` what differs from layer to layer
+(sliding window, rotary base). That one description drives the torch model and the native executor.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 # RoPE scaling variants the model code implements, with the keys each needs
@@ -9,7 +15,28 @@ from typing import Any
 ROPE_SCALING_KEYS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
+ACTIVATIONS = ("silu", "gelu_tanh")      # the gated MLP's: SwiGLU, or GeGLU with tanh-approximated GELU
+
+
+@dataclass(frozen=True)
+class Rope:
+    """A rotary embedding: base and scaling (HF `rope_scaling` dict, None for none)."""
+
+    theta: float
+    scaling: dict | None = None
+
+    def __hash__(self) -> int:
+        return hash((self.theta, repr(self.scaling)))
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What may differ between decoder layers: the attention window and the rotary embedding."""
+
+    rope: Rope
+    sliding_window: int | None = None    # attends to the last `sliding_window` positions, its own included
 
 # HF config fields that mean "not plain Llama": the loader has no tensors for these.
 _UNSUPPORTED_HF_FLAGS = ("attention_bias", "mlp_bias")
@@ -17,7 +44,9 @@ _UNSUPPORTED_HF_FLAGS = ("attention_bias", "mlp_bias")
 
 @dataclass
 class ModelConfig:
-    """A Llama-family decoder: RMSNorm, rotary attention with GQA, SwiGLU MLP."""
+    """A decoder-only transformer: RMSNorm, rotary attention with GQA, a gated MLP; the family's options.
+
+    Norm weights are taken as the multipliers they are: Gemma's (1 + w) is folded in at load."""
 
     architecture: str
     vocab_size: int
@@ -32,6 +61,15 @@ class ModelConfig:
     rope_scaling: dict | None
     max_position_embeddings: int
     tie_word_embeddings: bool
+    attention_bias: bool = False          # q/k/v projections with biases (Qwen2)
+    qk_norm: bool = False                 # RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3)
+    sandwich_norms: bool = False          # RMSNorm of the attention's and the MLP's outputs too (Gemma 2, 3)
+    hidden_act: str = "silu"
+    embedding_scale: float = 1.0          # Gemma: sqrt(hidden_size)
+    attention_scale: float | None = None  # None: head_dim ** -0.5 (Gemma: query_pre_attn_scalar ** -0.5)
+    attn_logit_softcap: float | None = None   # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcap: float | None = None
+    layers: tuple[LayerSpec, ...] = field(default=())   # () : every layer global, rope_theta / rope_scaling
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -56,8 +94,32 @@ class ModelConfig:
             missing = [k for k in ROPE_SCALING_KEYS[rope_type] if k not in self.rope_scaling]
             if missing:
                 raise ValueError(f"rope_scaling of type {rope_type!r} lacks {missing}")
-            if not self.rope_scaling["factor"] > 0:
+            if not self.rope_scaling.get("factor", 1.0) > 0:
                 raise ValueError(f"rope_scaling factor must be positive, got {self.rope_scaling['factor']}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {ACTIVATIONS}, got {self.hidden_act!r}")
+        for name in ("attn_logit_softcap", "final_logit_softcap", "attention_scale"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive or None, got {value!r}")
+        if not self.layers:
+            self.layers = (LayerSpec(Rope(self.rope_theta, self.rope_scaling)),) * self.num_hidden_layers
+        self.layers = tuple(self.layers)
+        if len(self.layers) != self.num_hidden_layers:
+            raise ValueError(f"{len(self.layers)} layer specs for {self.num_hidden_layers} layers")
+        for spec in self.layers:
+            if spec.sliding_window is not None and (not isinstance(spec.sliding_window, int) or spec.sliding_window <= 0):
+                raise ValueError(f"sliding_window must be a positive integer or None, got {spec.sliding_window!r}")
+
+    @property
+    def scale(self) -> float:
+        """The attention's score scale."""
+        return self.attention_scale if self.attention_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def ropes(self) -> list[Rope]:
+        """The distinct rotary embeddings of the layers, in order of first use."""
+        return list(dict.fromkeys(spec.rope for spec in self.layers))
 
     @property
     def q_size(self) -> int:

@@ -16,7 +16,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.engine.models.decoder import DecoderForCausalLM
 from leanserve.kernels.attention import AttentionBackend, AttentionMetadata, forward_context
 from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import Int4Linear, Int8Linear, QuantLinear, unpack_int4
@@ -35,7 +35,7 @@ class Executor(Protocol):
 
 
 class TorchExecutor:
-    def __init__(self, model: LlamaForCausalLM, backend: AttentionBackend, reason: str) -> None:
+    def __init__(self, model: DecoderForCausalLM, backend: AttentionBackend, reason: str) -> None:
         self.model, self.backend, self.reason = model, backend, reason
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
@@ -78,7 +78,7 @@ def native_linear(module: nn.Module, kernels):
 
 
 class NativeExecutor:
-    def __init__(self, model: LlamaForCausalLM, kernels, layers: list, lm_head, tile_size: int,
+    def __init__(self, model: DecoderForCausalLM, kernels, layers: list, lm_head, tile_size: int,
                  batch_invariant: bool) -> None:
         cfg = model.config
         self.model, self.kernels, self.batch_invariant = model, kernels, batch_invariant
@@ -87,7 +87,7 @@ class NativeExecutor:
                                        batch_invariant)
 
     @classmethod
-    def build(cls, model: LlamaForCausalLM, tile_size: int = 128, batch_invariant: bool = False) -> NativeExecutor | str:
+    def build(cls, model: DecoderForCausalLM, tile_size: int = 128, batch_invariant: bool = False) -> NativeExecutor | str:
         """The executor for `model` (its caches set), or a string saying why there is none. batch_invariant:
         every token through the prefill attention kernel, so that its logits are the same bits in any batch."""
         if model.embed_tokens.weight.device.type != "cpu" or model.embed_tokens.weight.dtype != torch.float32:

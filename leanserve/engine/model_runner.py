@@ -7,7 +7,7 @@ import torch
 
 from leanserve.engine.config import ModelConfig
 from leanserve.engine.executor import Executor, NativeExecutor, TorchExecutor
-from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.engine.models.decoder import DecoderForCausalLM
 from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend
 from leanserve.kernels.quant import use_triton_kernels
 from leanserve.scheduler.scheduler import ScheduledBatch
@@ -32,7 +32,7 @@ def make_attention_backend(name: str, device: torch.device, num_kv_heads: int):
 class ModelRunner:
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
                  num_blocks: int, block_size: int, device: str = "cpu", attention_backend: str = "auto",
-                 quantize: Callable[[LlamaForCausalLM], object] | None = None,
+                 quantize: Callable[[DecoderForCausalLM], object] | None = None,
                  kv_cache_dtype: torch.dtype | None = None, deterministic: bool = False) -> None:
         """`quantize`, if given, swaps quantized modules into the loaded float model; the KV cache is
         `kv_cache_dtype` (default: the model's dtype). `attention_backend` "auto" runs the native executor
@@ -42,7 +42,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = torch.device(device)
         backend = make_attention_backend(attention_backend, self.device, config.num_key_value_heads)
-        self.model = LlamaForCausalLM(config, backend).to(dtype)
+        self.model = DecoderForCausalLM(config, backend).to(dtype)
         self.model.load_weights(weights)
         if quantize is not None:
             quantize(self.model)

@@ -35,7 +35,7 @@ from torch import nn
 from leanserve.engine.config import ModelConfig
 from leanserve.engine.engine_config import QUANTIZATION_CHOICES
 from leanserve.engine.loader import Checkpoint, gguf_block_rows, load_checkpoint
-from leanserve.engine.models.llama import LlamaForCausalLM
+from leanserve.engine.models.decoder import DecoderForCausalLM
 from leanserve.kernels.quant import (
     GROUP_SIZES,
     LLM_INT8_THRESHOLD,
@@ -161,7 +161,7 @@ def _quantized_module(name: str, linear: nn.Linear, mode: str, checkpoint: Check
     return Int4Linear.from_float(_float_weight(name, linear, checkpoint), group_size)
 
 
-def quantize_model(model: LlamaForCausalLM, mode: str, checkpoint: Checkpoint | None = None,
+def quantize_model(model: DecoderForCausalLM, mode: str, checkpoint: Checkpoint | None = None,
                    group_size: int = 32, device: str | torch.device = "cpu") -> dict[str, str]:
     """Replace the loaded float model's decoder linears (and LM head, per mode) in place.
 
@@ -264,7 +264,7 @@ def save_quantized(model: str, out: str | Path, mode: str, group_size: int = 32,
     checkpoint = load_checkpoint(model)
     if checkpoint.quantized is not None:
         raise ValueError(f"{checkpoint.path} is already quantized ({checkpoint.quantized.mode})")
-    float_model = LlamaForCausalLM(checkpoint.config, backend=None)
+    float_model = DecoderForCausalLM(checkpoint.config, backend=None)
     float_model.load_weights(checkpoint.weights)
     formats = quantize_model(float_model, mode, checkpoint, group_size)
     if mode == "llm_int8":

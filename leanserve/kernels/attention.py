@@ -19,6 +19,17 @@ import torch
 import torch.nn.functional as F
 
 
+@dataclass(frozen=True)
+class AttentionOptions:
+    """What one attention layer computes beyond causal softmax attention: scores = scale * q.k, soft-capped
+    to softcap * tanh(scores / softcap) where softcap is set, and, with a sliding window, a token at
+    position p attends only to keys at positions > p - sliding_window (its own included)."""
+
+    scale: float
+    sliding_window: int | None = None
+    softcap: float | None = None
+
+
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor          # [T] cache slot each new token's K/V is written to

@@ -131,7 +131,7 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
-class LlamaForCausalLM(nn.Module):
+class DecoderForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, backend) -> None:
         super().__init__()
         self.config = config
