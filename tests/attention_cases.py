@@ -94,8 +94,9 @@ MIXED_SHAPES = [(0, 40), (0, 1), (30, 12), (99, 1), (4, 1), (0, 3), (63, 1), (17
 
 HEAD_DIM = 32
 
-# Layer options the tests sweep (for head dim HEAD_DIM): default, a non-default scale, windows shorter than the prompts, a soft-cap
-# that barely matters (50) and one that does (2), both together, and a window of one (a token sees itself).
+# Layer options the tests sweep (head dim HEAD_DIM): a non-default scale, windows shorter than the prompts,
+# a soft-cap that barely matters (50) and one that does (2), both together, and a window of one (a token
+# sees only itself).
 OPTION_CASES = {
     "scale": AttentionOptions(scale=0.3),
     "window5": AttentionOptions(scale=HEAD_DIM ** -0.5, sliding_window=5),

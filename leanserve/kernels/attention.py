@@ -167,8 +167,10 @@ class TorchAttentionBackend:
         self._workspace = torch.empty(0)
 
     def prepare(self, md: AttentionMetadata) -> None:
-        # Plans depend on the layers' windows, which only `forward` sees: built there on first use.
+        # The whole-context plan now (most layers of most models use it); a window's, which only
+        # `forward` sees, on its first layer.
         md.plans = {}
+        self._plan(md, None)
 
     def _plan(self, md: AttentionMetadata, window: int | None) -> WindowPlan:
         window = effective_window(md, window)

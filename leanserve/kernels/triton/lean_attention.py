@@ -13,12 +13,14 @@ kernel merges each unit's partials:
     L = M + log(sum_j exp(lse_j - M)),  M = max_j lse_j;   O = sum_j exp(lse_j - L) o_j
 
 No program waits for another, and work is proportional to the sum of context
-lengths, not batch x longest context. A sliding window is the plan's business:
-the decode token at position ctx - 1 sees keys ctx - window .. ctx - 1, so a
-windowed plan cuts only that range into tiles and nothing before it is read.
-Soft-capping (cap * tanh(scores / cap)) is a compile-time switch of the kernel. Keys and values are read straight from
+lengths, not batch x longest context. Keys and values are read straight from
 the cache through the block table, [num_blocks, block_size, Hkv, D] as in
 `leanserve.kernels.attention`.
+
+A sliding window is the plan's business: the decode token at position ctx - 1
+sees keys ctx - window .. ctx - 1, so a windowed plan cuts only that range into
+tiles and nothing before it is read. Soft-capping (cap * tanh(scores / cap)) is
+a compile-time switch of the kernel.
 
 The segment plan is built on the host with a few torch ops (`plan_lean_tiles`),
 once per step, and shared by all layers.
@@ -45,7 +47,8 @@ class LeanPlan:
     """Stream-K decomposition of one decode batch.
 
     Segment `s` is tokens [token_start, token_end) of KV head `kv_head` of decode
-    sequence `seq` (all inside the last `window` tokens of its context, if set); its partial result lives in slot `s` of the partials buffer.
+    sequence `seq` (inside the last `window` tokens of its context, with a window);
+    its partial result lives in slot `s` of the partials buffer.
     Segments are ordered by worker and, because the tile list is unit-major, by
     unit too: worker w owns segments worker_ptr[w] .. worker_ptr[w + 1] - 1 and
     unit u = seq * num_kv_heads + kv_head owns slots unit_ptr[u] .. unit_ptr[u + 1] - 1.
