@@ -14,10 +14,9 @@ Modes (EngineConfig.quantization):
 The model is built and loaded in float first (load_weights fuses q/k/v and gate/up);
 `quantize_model` then replaces its nn.Linear modules, building fused modules from the
 parts' GGUF blocks stacked along N (parts of different types in one format that holds them
-all: `stack_rows`), or from the float weights. GGUF types without a native kernel (Q2_K,
-Q3_K, IQ*, ...) are named in the load log. `save_quantized`
-writes the swapped modules' buffers to a HuggingFace-like directory that loads back
-without re-quantizing.
+all: `stack_rows`), or from the float weights; the load log names the modules whose GGUF
+types have no native kernel (Q2_K, Q3_K, IQ*, ...). `save_quantized` writes the swapped
+modules' buffers to a HuggingFace-like directory that loads back without re-quantizing.
 """
 from __future__ import annotations
 
@@ -182,7 +181,7 @@ def quantize_model(model: DecoderForCausalLM, mode: str, checkpoint: Checkpoint 
     formats: dict[str, str] = {}
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "lm_head")]
-    if mode in ("int4", "float") and (checkpoint is None or checkpoint.quantized is None):
+    if mode in ("int4", "float"):             # the modes that would take GGUF blocks as stored
         _log_gguf_types_without_kernels([name for name, _ in targets], checkpoint, mode)
     if mode == "float":
         return formats
@@ -202,11 +201,12 @@ def quantize_model(model: DecoderForCausalLM, mode: str, checkpoint: Checkpoint 
 
 
 def _log_gguf_types_without_kernels(names: list[str], checkpoint: Checkpoint | None, mode: str) -> None:
-    """Name the modules whose GGUF blocks have no native kernel (Q2_K, Q3_K, IQ*, ...) and how they load."""
+    """Name the quantized GGUF modules that cannot be taken as stored, for a part of a type without a
+    native kernel (Q2_K, Q3_K, IQ*, ...; or a float part beside blocks), and how they load."""
     without = {}
     for name in names:
         types = _gguf_types(name, checkpoint) or []
-        if any(t not in GGUF_NATIVE | _GGUF_FLOAT for t in types):
+        if types and not set(types) <= GGUF_NATIVE and not set(types) <= _GGUF_FLOAT:
             without[_hf_module_name(name)] = "+".join(t.name for t in types)
     if without:
         how = ("loaded dequantized (float)" if mode == "float"

@@ -1,7 +1,7 @@
 // Quantized weight x float activation matrix product on integer dot products, for two byte formats:
 //   int4: W[n, k] = q * scale + min, q in 0..15, two a byte (GGUF Q4_0, Q4_1, Q4_K);
-//   int8: W[n, k] = w * scale + min, w an int8 (GGUF Q8_0; Q5_0, Q5_1, Q5_K with w in -16..31; Q6_K
-//         with w = q - 32). Where vpdpbusd multiplies (unsigned weight bytes, simd::kInt8Offset 128),
+//   int8: W[n, k] = w * scale + min, w an int8 (GGUF Q8_0: w; Q5_0: q - 16; Q5_1, Q5_K: q, 0..31;
+//         Q6_K: q - 32). Where vpdpbusd multiplies (unsigned weight bytes, simd::kInt8Offset 128),
 //         a row with a negative w is stored as w + 128 with min - 128 * scale; other rows, and every
 //         row on the pmaddubsw levels (signed weight bytes), as w: 0..127 reads the same either way.
 // scale and min per group of G along K: G = 16 (Q6_K's sub-blocks, two groups in a block of 32) or a
@@ -79,7 +79,7 @@ inline std::vector<at::Tensor> pack_int4(const at::Tensor& q, const at::Tensor& 
 inline std::vector<at::Tensor> pack_int8(const at::Tensor& w, const at::Tensor& scales,
                                          const std::optional<at::Tensor>& mins_or_none) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "w must be int8 [N, K]");
-  at::Tensor mins = mins_or_none.has_value() ? mins_or_none->to(at::kDouble) : at::zeros(scales.sizes(), at::kDouble);
+  at::Tensor mins = mins_or_none ? mins_or_none->to(at::kDouble) : at::zeros(scales.sizes(), at::kDouble);
   at::Tensor q = w.view(at::kByte);
   if (simd::kInt8Offset) {
     const at::Tensor shifted = (w < 0).any(1, true);                                 // [N, 1]
@@ -99,9 +99,10 @@ inline void check_packed(const at::Tensor& packed, const at::Tensor& scales_mins
                   scales_mins.dim() == 4 && scales_mins.size(0) == packed.size(0) && scales_mins.size(2) == 2 &&
                   scales_mins.size(3) == kTile && scales_mins.is_contiguous(),
               "quant_linear: scales_mins must be float16 or float32 [tiles, K / G, 2, kTile] (pack_int4, pack_int8)");
-  TORCH_CHECK((group == 16 || (group > 0 && group % kBlock == 0)) && scales_mins.size(1) * group == packed.size(1) * kBlock,
+  TORCH_CHECK((group == 16 || (group > 0 && group % kBlock == 0)) &&
+                  scales_mins.size(1) * group == packed.size(1) * kBlock,
               "quant_linear: groups of ", group, " (16 or a multiple of 32) do not fit the packed weight");
-  TORCH_CHECK(out_features > 0 && packed.size(0) * kTile >= out_features && packed.size(0) * kTile < out_features + kTile,
+  TORCH_CHECK(out_features > 0 && packed.size(0) == (out_features + kTile - 1) / kTile,
               "quant_linear: ", out_features, " output rows do not fit ", packed.size(0), " tiles");
 }
 
@@ -167,7 +168,8 @@ inline void block_rows(const simd::Bytes* q, const simd::Vec* scale_min, const i
     }
     for (int r = 0; r < R; ++r) {
       const float* s = xs + ((row + r) * blocks + b) * kSums;
-      const simd::Vec dot = simd::fmadd(simd::to_float(dots[2 * r + 1]), simd::set1(1.f / 256.f), simd::to_float(dots[2 * r]));
+      const simd::Vec dot =
+          simd::fmadd(simd::to_float(dots[2 * r + 1]), simd::set1(1.f / 256.f), simd::to_float(dots[2 * r]));
       const simd::Vec before = First && g == 0 ? simd::zero() : acc[row + r];
       acc[row + r] = simd::fmadd(simd::mul(scale_min[2 * g], simd::set1(s[0])), dot, before);
       acc[row + r] = simd::fmadd(scale_min[2 * g + 1], simd::set1(s[Halves ? 2 + g : 1]), acc[row + r]);

@@ -81,8 +81,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("LANES") = simd::kLanes;
   m.def("pack_int4", &pack_int4, "q uint8 [N, K] (0..15), scales, mins [N, K / G] -> (packed, scales_mins)",
         py::arg("q"), py::arg("scales"), py::arg("mins"));
-  m.def("pack_int8", &pack_int8, "w int8 [N, K], scales [N, K / G], mins [N, K / G] or None (0) -> (packed, scales_mins)",
-        py::arg("w"), py::arg("scales"), py::arg("mins") = py::none());
+  m.def("pack_int8", &pack_int8,
+        "w int8 [N, K], scales [N, K / G], mins [N, K / G] or None (0) -> (packed, scales_mins)", py::arg("w"),
+        py::arg("scales"), py::arg("mins") = py::none());
   m.def("quant_linear", &checked_quant_linear, "x [M, K] float32 times a packed weight -> [M, N]");
   m.def("rms_norm", &leanserve::rms_norm);
   m.def("add_rms_norm", [](at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
