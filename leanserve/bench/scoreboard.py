@@ -29,6 +29,9 @@ from leanserve.bench.workload import DEFAULT_WORKLOAD, load_workload
 from leanserve.kernels.cpu_kernels import cpu_model, runnable_levels
 
 PEERS = Path("../shared/peers")
+MODELS = {"smollm2": "SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, the same weights "
+                     "dequantized to safetensors for vLLM)",
+          "gemma3-270m": "Gemma 3 270M Q4_K_M (the same GGUF file for llama-server and LeanServe; Gemma's chat turns)"}
 
 
 def wait_healthy(base: str, process: subprocess.Popen, timeout: float) -> None:
@@ -73,19 +76,23 @@ def engine_commands(args: argparse.Namespace) -> dict[str, tuple[str, float]]:
     """name -> (shell command that serves the default model on its port, seconds it may take to start)."""
     from leanserve.engine.loader import resolve_model_path
 
-    gguf = resolve_model_path("smollm2")
+    gguf = resolve_model_path(args.model)
     commands = {}
+    # A Gemma file without a chat template: LeanServe renders Gemma's turns (loader), llama-server is told to.
+    template = " --chat-template gemma" if args.model.startswith("gemma") else ""
     if "llama-server" in args.engines:
         binary = subprocess.run([str(PEERS / "build-llama-server")], check=True, capture_output=True,
                                 text=True).stdout.strip().splitlines()[-1]
         commands["llama-server"] = (
             f"{binary} -m {gguf} --host 127.0.0.1 --port {args.port} -t {os.cpu_count()} "
-            f"-np {args.llama_slots} -c {args.llama_slots * 4096} --cont-batching --alias smollm2", 120)
+            f"-np {args.llama_slots} -c {args.llama_slots * 4096} --cont-batching --alias {args.model}{template}", 120)
     if "vllm" in args.engines:
+        if args.model != "smollm2":
+            raise ValueError("the vLLM peer serves the default model only (--engines without vllm)")
         start = subprocess.run([str(PEERS / "setup-vllm-cpu"), str(args.port)], check=True, capture_output=True,
                                text=True).stdout.strip().splitlines()[-1]
         commands["vllm"] = (start, 600)
-    serve = f"{shlex.quote(sys.executable)} -m leanserve.cli serve smollm2 --port {args.port} {args.leanserve_args}"
+    serve = f"{shlex.quote(sys.executable)} -m leanserve.cli serve {args.model} --port {args.port} {args.leanserve_args}"
     if "leanserve" in args.engines:
         commands["leanserve"] = (serve, 180)
     if "leanserve-avx2" in args.engines:         # the AVX2 build, forced on a CPU that has better
@@ -104,7 +111,7 @@ def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: lis
     for workload in workloads:
         chosen, workload_rate, concurrency = specs[workload]
         outcomes, duration = asyncio.run(run_load(
-            base, chosen, model="smollm2", rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
+            base, chosen, model=args.model, rate=workload_rate, burstiness=1.0, max_concurrency=concurrency,
             seed=args.seed, api_key=None))
         results[workload] = (summarize(outcomes, duration, {}), outcomes)
         print(f"{name} {workload}: {results[workload][0]['output_token_throughput']:.1f} output tok/s, "
@@ -112,7 +119,7 @@ def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: lis
     return results
 
 
-def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path) -> dict:
+def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path, tag: str) -> dict:
     """Per workload, the run with the median output tokens/s (the lower middle one of an even count), with
     its plot and every run's output tokens/s: this machine's speed drifts by 10-15% over minutes."""
     results = {}
@@ -120,7 +127,7 @@ def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path
         measured = sorted(measured, key=lambda run: run[0]["output_token_throughput"])
         summary, outcomes = measured[(len(measured) - 1) // 2]
         summary["runs_output_token_throughput"] = [s["output_token_throughput"] for s, _ in measured]
-        path = plots / f"{name}-{workload}.png"
+        path = plots / f"{tag}{name}-{workload}.png"
         plot(outcomes, str(path), f"{name}: {workload}")
         summary["plot"] = str(path)
         results[workload] = summary
@@ -129,7 +136,7 @@ def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path
 
 def transformers_one_at_a_time(args: argparse.Namespace) -> dict:
     from leanserve.bench.throughput import transformers_figures
-    options = argparse.Namespace(model="smollm2", decode_tokens=64, hf_requests=args.single_requests)
+    options = argparse.Namespace(model=args.model, decode_tokens=64, hf_requests=args.single_requests)
     return transformers_figures(options, load_workload(args.workload, args.single_requests))
 
 
@@ -165,8 +172,7 @@ def write_markdown(results: dict, commands: dict, args: argparse.Namespace, path
              f"{cpu_model()} ({runnable_levels()[0]}: LeanServe's native kernels run that level; leanserve-avx2, "
              f"where present, is its AVX2 build forced), {os.cpu_count()} cores, Python {platform.python_version()}.",
              f"Workload: `{args.workload}` (streamed chat, greedy, `ignore_eos`: every engine produces exactly "
-             "`max_tokens` tokens). Model: SmolLM2-135M-Instruct (the GGUF file for llama-server and LeanServe, "
-             "the same weights dequantized to safetensors for vLLM).", ""]
+             f"`max_tokens` tokens). Model: {MODELS[args.model]}.", ""]
     if args.repeats > 1:
         lines += [f"Each engine was started {args.repeats} times, the engines in turn (so that each samples the "
                   "same stretches of the machine's speed), and run through the workloads each time (a fresh "
@@ -241,10 +247,10 @@ def run(args: argparse.Namespace) -> int:
     results: dict = {}
     for name in names:
         results[name] = {"error": failed[name]} if name in failed else {}
-        results[name].update(median_runs(name, runs[name], plots))
+        results[name].update(median_runs(name, runs[name], plots, "" if args.model == "smollm2" else f"{args.model}-"))
     if "transformers" in args.engines:
         results["transformers"] = {"one_at_a_time": transformers_one_at_a_time(args)}
-    (out.parent / "benchmarks.json").write_text(json.dumps(results, indent=2, default=str))
+    out.with_suffix(".json").write_text(json.dumps(results, indent=2, default=str))
     write_markdown(results, commands, args, out)
     print(f"wrote {out}")
     return 0
@@ -254,6 +260,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", nargs="+", default=["llama-server", "vllm", "leanserve", "transformers"],
                         choices=["llama-server", "vllm", "leanserve", "leanserve-avx2", "transformers"],
                         help="leanserve-avx2: LeanServe's AVX2 build forced (LEANSERVE_CPU_ISA=avx2)")
+    parser.add_argument("--model", default="smollm2", choices=sorted(MODELS), help="the model alias every engine serves")
     parser.add_argument("--workload", default=str(DEFAULT_WORKLOAD))
     parser.add_argument("--port", type=int, default=8092)
     parser.add_argument("--llama-slots", type=int, default=8, help="llama-server parallel slots")
