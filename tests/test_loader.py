@@ -85,8 +85,11 @@ def test_config_from_hf_dicts() -> None:
     assert ModelConfig.from_hf_config(default_rope).rope_scaling is None
     with pytest.raises(ValueError, match="model_type 'bert'"):
         ModelConfig.from_hf_config({**hf, "model_type": "bert"})
-    with pytest.raises(ValueError, match="attention_bias"):
-        ModelConfig.from_hf_config({**hf, "attention_bias": True})
+    assert ModelConfig.from_hf_config({**hf, "attention_bias": True}).attention_bias
+    with pytest.raises(ValueError, match="mlp_bias"):
+        ModelConfig.from_hf_config({**hf, "mlp_bias": True})
+    with pytest.raises(ValueError, match="partial rotary"):
+        ModelConfig.from_hf_config({**hf, "model_type": "phi3", "partial_rotary_factor": 0.75})
 
 
 # ------------------------------------------------------------------------ tiny models
@@ -94,8 +97,9 @@ def test_config_from_hf_dicts() -> None:
 
 def test_hf_dir_loads(tiny_hf: Checkpoint, tiny_hf_dir: Path) -> None:
     config = tiny_hf.config
-    assert asdict(config) == {**TINY_DIMS, "architecture": "llama", "head_dim": 16, "rope_scaling": None,
-                              "tie_word_embeddings": False}
+    expected = {**TINY_DIMS, "architecture": "llama", "head_dim": 16, "rope_scaling": None, "tie_word_embeddings": False}
+    assert {key: value for key, value in asdict(config).items() if key in expected} == expected
+    assert not (config.attention_bias or config.qk_norm or config.sandwich_norms)
     assert "lm_head.weight" in tiny_hf.weights
     assert len(tiny_hf.weights) == 3 + 9 * config.num_hidden_layers
     assert all(w.dtype == torch.float32 for w in tiny_hf.weights.values())

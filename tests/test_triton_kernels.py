@@ -3,18 +3,19 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")    # before the kernels are defined: triton.jit reads it then
 
-import math  # noqa: E402
 import random  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from leanserve.kernels.attention import AttentionMetadata, TorchAttentionBackend  # noqa: E402
+from leanserve.kernels.attention import AttentionOptions, TorchAttentionBackend  # noqa: E402
 from leanserve.kernels.triton import (dequantize_int4, int4_matmul, int8_matmul, lean_attention_decode,  # noqa: E402
                                       merge_lean_partials, pack_int4, plan_lean_tiles, prefill_attention,
                                       quantize_int4, quantize_int8, unpack_int4)
 from leanserve.kernels.triton import lean_attention as lean_module  # noqa: E402
 from leanserve.kernels.triton_backend import TritonAttentionBackend  # noqa: E402
+from tests.attention_cases import (HEAD_DIM, MIXED_SHAPES, OPTION_CASES, attention_reference,  # noqa: E402
+                                   ragged_batch, relative_error)
 
 if not type(lean_module._lean_decode_kernel).__name__.startswith("Interpreted"):
     pytest.skip("Triton kernels were defined before TRITON_INTERPRET=1 was set (compiled mode, no GPU here)",
@@ -28,20 +29,7 @@ def _seed():
 
 def reference(q, keys, values, scale=None):
     """q [n, H, D] are the last n of keys' m positions; causal softmax attention in float64."""
-    n, num_heads, d = q.shape
-    m, num_kv = keys.shape[:2]
-    group = num_heads // num_kv
-    k = keys.double().repeat_interleave(group, dim=1)
-    v = values.double().repeat_interleave(group, dim=1)
-    scale = 1 / math.sqrt(d) if scale is None else scale
-    scores = torch.einsum("nhd,mhd->hnm", q.double(), k) * scale
-    visible = torch.arange(m)[None, :] <= torch.arange(m - n, m)[:, None]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    return torch.einsum("hnm,mhd->nhd", scores.softmax(-1), v)
-
-
-def relative_error(got, expected):
-    return ((got.double() - expected).abs().max() / expected.abs().max()).item()
+    return attention_reference(q, keys, values, None if scale is None else AttentionOptions(scale))
 
 
 def paged_cache(context_lens, block_size, num_kv, d, dtype, spare_blocks=3, seed=0):
@@ -67,13 +55,15 @@ def paged_cache(context_lens, block_size, num_kv, d, dtype, spare_blocks=3, seed
 
 # ---------------------------------------------------------------- stream-K planner
 
-def _check_plan(context_lens, num_kv, tile, workers):
-    plan = plan_lean_tiles(context_lens, num_kv, tile, workers)
+def _check_plan(context_lens, num_kv, tile, workers, window=None):
+    plan = plan_lean_tiles(context_lens, num_kv, tile, workers, window)
     seg = plan.segments.long()
+    # A windowed plan covers only each context's last `window` tokens.
+    starts = [0 if window is None else max(0, c - window) for c in context_lens]
     # Tiles of each worker: ranges equal up to one, contiguous, in order, covering every tile.
     bounds = plan.worker_tiles
     sizes = bounds[1:] - bounds[:-1]
-    total = sum(-(-c // tile) for c in context_lens) * num_kv
+    total = sum(-(-(c - s) // tile) for c, s in zip(context_lens, starts)) * num_kv
     assert bounds[0] == 0 and bounds[-1] == total
     assert int(sizes.max()) - int(sizes.min()) <= 1
     seg_tiles = (seg[:, 3] - seg[:, 2] + tile - 1) // tile
@@ -81,15 +71,15 @@ def _check_plan(context_lens, num_kv, tile, workers):
         lo, hi = int(plan.worker_ptr[w]), int(plan.worker_ptr[w + 1])
         assert int(seg_tiles[lo:hi].sum()) == int(sizes[w])
     # Every unit's tokens covered exactly once, in order, by its own slots; segments start on tile boundaries.
-    for seq, ctx in enumerate(context_lens):
+    for seq, (ctx, start) in enumerate(zip(context_lens, starts)):
         for head in range(num_kv):
             u = seq * num_kv + head
             lo, hi = int(plan.unit_ptr[u]), int(plan.unit_ptr[u + 1])
             mine = seg[lo:hi]
             assert (mine[:, 0] == seq).all() and (mine[:, 1] == head).all()
-            assert int(mine[0, 2]) == 0 and int(mine[-1, 3]) == ctx
+            assert int(mine[0, 2]) == start and int(mine[-1, 3]) == ctx
             assert torch.equal(mine[1:, 2], mine[:-1, 3])
-            assert (mine[:, 2] % tile == 0).all() and (mine[:, 3] > mine[:, 2]).all()
+            assert ((mine[:, 2] - start) % tile == 0).all() and (mine[:, 3] > mine[:, 2]).all()
     assert int(plan.unit_ptr[-1]) == plan.num_segments == int(plan.worker_ptr[-1])
     return plan
 
@@ -117,6 +107,16 @@ def test_planner_covers_every_tile_once(workers):
             plan = _check_plan(contexts, num_kv, tile, workers)
             if workers > plan.worker_tiles[-1]:               # more workers than tiles: some own nothing
                 assert (plan.worker_ptr[1:] == plan.worker_ptr[:-1]).any()
+            for window in (1, 5, 40):
+                _check_plan(contexts, num_kv, tile, workers, window)
+
+
+def test_windowed_plan_tiles_only_the_window():
+    plan = _check_plan([5, 40, 100], num_kv=1, tile=16, workers=2, window=20)
+    assert plan.window == 20
+    # Tiles from each window's edge: 1, 2 and 2 of them; 5 tiles over 2 workers: 2 and 3.
+    assert plan.segments.tolist() == [[0, 0, 0, 5], [1, 0, 20, 36],       # worker 0
+                                      [1, 0, 36, 40], [2, 0, 80, 100]]    # worker 1
 
 
 # ---------------------------------------------------------------- lean decode
@@ -212,6 +212,77 @@ def test_prefill_bfloat16_leaves_other_rows_alone():
         assert relative_error(out[s:s + n], reference(q[s:s + n], keys[i], values[i])) < 2e-2
 
 
+# ---------------------------------------------------------------- per-layer options
+
+KERNEL_OPTIONS = ["scale", "window5", "window24", "softcap50", "softcap2", "window5_softcap2", "window1"]
+
+
+def _assert_options_matter(outs, expecteds, defaults):
+    """Matches the reference under the options, and differs from plain attention: the test sees them."""
+    changed = 0.0
+    for i, (got, expected, default) in enumerate(zip(outs, expecteds, defaults)):
+        assert relative_error(got, expected) < 1e-5, f"sequence {i}"
+        changed = max(changed, relative_error(got, default))
+    assert changed > 1e-3
+
+
+@pytest.mark.parametrize("case", KERNEL_OPTIONS)
+@pytest.mark.parametrize("block_size,num_kv,group,tile,workers", [(16, 2, 3, 16, 5), (8, 1, 4, 32, 3)])
+def test_lean_decode_options(case, block_size, num_kv, group, tile, workers):
+    options = OPTION_CASES[case]
+    k_cache, v_cache, tables, _, keys, values = paged_cache(DECODE_CONTEXTS, block_size, num_kv, HEAD_DIM,
+                                                            torch.float32)
+    q = torch.randn(len(DECODE_CONTEXTS), num_kv * group, HEAD_DIM)
+    out = lean_attention_decode(q, k_cache, v_cache, tables, torch.tensor(DECODE_CONTEXTS, dtype=torch.int32),
+                                options.scale, window=options.sliding_window, softcap=options.softcap,
+                                num_workers=workers, tile_size=tile)
+    _assert_options_matter(
+        out, [attention_reference(q[i:i + 1], keys[i], values[i], options)[0] for i in range(len(q))],
+        [attention_reference(q[i:i + 1], keys[i], values[i])[0] for i in range(len(q))])
+
+
+def test_lean_decode_rejects_a_plan_for_another_window():
+    k_cache, v_cache, tables, _, _, _ = paged_cache([10, 20], 16, 1, HEAD_DIM, torch.float32)
+    plan = plan_lean_tiles([10, 20], 1, 16, 2, window=8)
+    with pytest.raises(ValueError, match="window"):
+        lean_attention_decode(torch.randn(2, 1, HEAD_DIM), k_cache, v_cache, tables,
+                              torch.tensor([10, 20], dtype=torch.int32), plan=plan)
+
+
+@pytest.mark.parametrize("case", KERNEL_OPTIONS)
+@pytest.mark.parametrize("block_size,num_kv,group,block_m", [
+    (16, 2, 3, 16),
+    (8, 1, 4, 64),     # query blocks taller than key tiles: rows whose window starts past the first tile
+])
+def test_prefill_options(case, block_size, num_kv, group, block_m):
+    options = OPTION_CASES[case]
+    q, k_cache, v_cache, tables, starts, q_lens, contexts, keys, values = _prefill_batch(
+        PREFILL_SHAPES, block_size, num_kv, group, HEAD_DIM, torch.float32)
+    out = prefill_attention(q, k_cache, v_cache, tables, starts, q_lens, contexts, options.scale,
+                            window=options.sliding_window, softcap=options.softcap, block_m=block_m)
+    rows = [slice(s, s + n) for s, n in zip(starts.tolist(), q_lens.tolist())]
+    _assert_options_matter([out[r] for r in rows],
+                           [attention_reference(q[r], keys[i], values[i], options) for i, r in enumerate(rows)],
+                           [attention_reference(q[r], keys[i], values[i]) for i, r in enumerate(rows)])
+
+
+def test_options_in_bfloat16():
+    options = OPTION_CASES["window5_softcap2"]
+    contexts = [3, 50, 1, 77]
+    k_cache, v_cache, tables, _, keys, values = paged_cache(contexts, 16, 2, 64, torch.bfloat16)
+    q = torch.randn(len(contexts), 6, 64).bfloat16()
+    out = lean_attention_decode(q, k_cache, v_cache, tables, torch.tensor(contexts, dtype=torch.int32),
+                                options.scale, window=5, softcap=2.0, num_workers=3, tile_size=32)
+    for i in range(len(contexts)):
+        assert relative_error(out[i], attention_reference(q[i:i + 1], keys[i], values[i], options)[0]) < 2e-2
+    q, k_cache, v_cache, tables, starts, q_lens, contexts, keys, values = _prefill_batch(
+        [(0, 19), (40, 5)], 16, 2, 2, 64, torch.bfloat16)
+    out = prefill_attention(q, k_cache, v_cache, tables, starts, q_lens, contexts, options.scale,
+                            window=5, softcap=2.0)
+    for i, (s, n) in enumerate(zip(starts.tolist(), q_lens.tolist())):
+        assert relative_error(out[s:s + n], attention_reference(q[s:s + n], keys[i], values[i], options)) < 2e-2
+
+
 # ---------------------------------------------------------------- dequantizing matmuls
 
 def test_int4_packing_format():
@@ -277,51 +348,41 @@ def test_quantize_int4_round_trip():
 
 @pytest.mark.parametrize("block_size,num_kv,group,num_kv_heads_given", [(16, 3, 3, True), (32, 2, 1, False)])
 def test_backend_matches_torch_backend(block_size, num_kv, group, num_kv_heads_given):
-    torch.manual_seed(0)
-    d, num_blocks = 64, 60
     # (cached tokens before this step, new tokens): fresh prompts, a chunk after a prefix, decodes.
     shapes = [(0, 37), (0, 1), (20, 9), (5, 1), (63, 1), (1, 1), (130, 1), (0, 3)]
-    free = torch.randperm(num_blocks).tolist()
-    k_cache = torch.zeros(num_blocks, block_size, num_kv, d)
-    v_cache = torch.zeros_like(k_cache)
-    tables, full_k, full_v = [], [], []
-    for cached, new in shapes:
-        total = cached + new
-        tables.append([free.pop() for _ in range(-(-total // block_size))])
-        full_k.append(torch.randn(total, num_kv, d))
-        full_v.append(torch.randn(total, num_kv, d))
-        for p in range(cached):                       # earlier steps already wrote the prefix
-            k_cache[tables[-1][p // block_size], p % block_size] = full_k[-1][p]
-            v_cache[tables[-1][p // block_size], p % block_size] = full_v[-1][p]
-    q_parts, k_parts, v_parts, slots, starts = [], [], [], [], []
-    for (cached, new), table, fk, fv in zip(shapes, tables, full_k, full_v):
-        starts.append(sum(p.shape[0] for p in q_parts))
-        q_parts.append(torch.randn(new, num_kv * group, d))
-        k_parts.append(fk[cached:])
-        v_parts.append(fv[cached:])
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + new)]
-    q, k, v = torch.cat(q_parts), torch.cat(k_parts), torch.cat(v_parts)
-
-    def metadata():
-        return AttentionMetadata(torch.tensor(slots), starts, [n for _, n in shapes], [c + n for c, n in shapes],
-                                 tables, block_size)
-
+    batch = ragged_batch(shapes, block_size, num_kv, group, 64, num_blocks=60)
     outs = []
     for backend in (TorchAttentionBackend(tile_size=32),
                     TritonAttentionBackend(num_workers=5, tile_size=32,
                                            num_kv_heads=num_kv if num_kv_heads_given else None)):
-        md = metadata()
+        md = batch.metadata()
         backend.prepare(md)
-        kc, vc = k_cache.clone(), v_cache.clone()
-        outs.append(backend.forward(q, k, v, kc, vc, md))
-        assert torch.equal(kc.view(-1, num_kv, d)[torch.tensor(slots)], k)     # new K/V landed in their slots
+        kc, vc = batch.k_cache.clone(), batch.v_cache.clone()
+        outs.append(backend.forward(batch.q, batch.k, batch.v, kc, vc, md))
+        assert torch.equal(kc.view(-1, num_kv, 64)[torch.tensor(batch.slots)], batch.k)   # new K/V in their slots
     torch_out, triton_out = outs
-    for i, (qp, fk, fv) in enumerate(zip(q_parts, full_k, full_v)):
-        rows = slice(starts[i], starts[i] + qp.shape[0])
-        expected = reference(qp, fk, fv)
-        assert relative_error(triton_out[rows], expected) < 1e-5, f"sequence {i} {shapes[i]}"
+    for i in range(len(shapes)):
+        rows = batch.rows(i)
+        assert relative_error(triton_out[rows], batch.expected(i)) < 1e-5, f"sequence {i} {shapes[i]}"
         assert relative_error(triton_out[rows], torch_out[rows].double()) < 1e-5
 
+
+def test_backends_under_per_layer_options():
+    """Layers of one step with different options (Gemma 3's windowed and global layers, Gemma 2's
+    soft-cap) after one `prepare`: both backends match the reference; one stream-K plan per window."""
+    batch = ragged_batch(MIXED_SHAPES, 8, 2, 3, HEAD_DIM)
+    layers = [OPTION_CASES["window5_softcap2"], OPTION_CASES["softcap50"], OPTION_CASES["window24"],
+              AttentionOptions(scale=HEAD_DIM ** -0.5, sliding_window=1000), OPTION_CASES["window5_softcap2"]]
+    for backend in (TorchAttentionBackend(tile_size=16),
+                    TritonAttentionBackend(num_workers=4, tile_size=16, num_kv_heads=2)):
+        md = batch.metadata()
+        backend.prepare(md)
+        for options in layers:
+            out = backend.forward(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, md, options)
+            for i in range(len(MIXED_SHAPES)):
+                assert relative_error(out[batch.rows(i)], batch.expected(i, options)) < 1e-5, (backend, options, i)
+    # Window 1000 outlasts every context: it runs on the whole-context plan built in prepare.
+    assert set(md.triton_decode.plans) == {(2, None), (2, 5), (2, 24)}
 
 
 def test_engine_with_the_triton_backend_generates_what_the_torch_backend_does(tiny_hf_dir):

@@ -95,6 +95,11 @@ class NativeExecutor:
         kernels = native_kernels()
         if kernels is None:
             return "no native CPU kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler)"
+        cfg = model.config
+        if (cfg.attention_bias or cfg.qk_norm or cfg.sandwich_norms or cfg.hidden_act != "silu" or len(cfg.ropes) > 1
+                or cfg.attn_logit_softcap or cfg.final_logit_softcap or cfg.scale != cfg.head_dim ** -0.5
+                or any(spec.sliding_window for spec in cfg.layers)):
+            return f"the native executor does not run {cfg.architecture}'s layer options yet"
         if model.config.head_dim % 16:
             return f"head_dim {model.config.head_dim} is not a multiple of 16"
         layers = []
@@ -112,8 +117,8 @@ class NativeExecutor:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         plan = self.native.plan(md.query_starts, md.query_lens, md.context_lens, md.block_tables, md.slot_mapping)
-        cos, sin = self.model.rotary(positions)
-        return self.native.forward(self.model.embed_tokens(input_ids), cos, sin, plan)
+        (cos, sin), = self.model.rotary(positions)
+        return self.native.forward(self.model.embed(input_ids), cos, sin, plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.native.logits(hidden)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from leanserve.engine.config import ModelConfig
+from leanserve.engine.config import LayerSpec, ModelConfig, Rope
 from leanserve.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -35,14 +35,29 @@ _GGUF_GLOBAL_NAMES = {
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
+# llama.cpp's layer tensors -> the loader's names (HF Llama's, plus the other families' parts). ffn_norm is
+# the norm before the MLP in every family (Gemma's pre_feedforward_layernorm).
 _GGUF_LAYER_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "attn_output_norm", "post_ffw_norm": "mlp_output_norm",
 }
-_GGUF_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+# Phi-3's fused tensors, split into their parts along the output rows (whole block rows).
+_GGUF_FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "ffn_up": ("ffn_gate", "ffn_up")}
+_GGUF_LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _HF_GLOBAL_TO_GGUF = {hf: g for g, hf in _GGUF_GLOBAL_NAMES.items()}
 _HF_LAYER_TO_GGUF = {hf: g for g, hf in _GGUF_LAYER_NAMES.items()}
+# general.architecture -> ModelConfig.architecture (HF's model_type)
+GGUF_ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma2": "gemma2",
+                      "gemma3": "gemma3_text", "phi3": "phi3"}
+# HF checkpoint names of Gemma's norms -> the loader's (Gemma's post_attention_layernorm normalizes the
+# attention's output; the norm before its MLP is pre_feedforward_layernorm).
+_GEMMA_NORMS = {"post_attention_layernorm": "attn_output_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
+                "post_feedforward_layernorm": "mlp_output_norm"}
+_HF_FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
 
 
 class ModelLoadError(ValueError):
@@ -112,6 +127,14 @@ def expected_weight_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         })
+        if config.attention_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (config.q_size,), p + "self_attn.k_proj.bias": (config.kv_size,),
+                           p + "self_attn.v_proj.bias": (config.kv_size,)})
+        if config.qk_norm:
+            shapes.update({p + "self_attn.q_norm.weight": (config.head_dim,),
+                           p + "self_attn.k_norm.weight": (config.head_dim,)})
+        if config.sandwich_norms:
+            shapes.update({p + "attn_output_norm.weight": (h,), p + "mlp_output_norm.weight": (h,)})
     return shapes
 
 
@@ -151,46 +174,70 @@ def _gguf_float(reader: gguf.GGUFReader, key: str, default: float) -> float:
 
 def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     arch = _gguf_field(reader, "general.architecture")
-    if arch != "llama":
+    if arch not in GGUF_ARCHITECTURES:
         raise ModelLoadError(f"{path}: unsupported architecture {arch!r} (general.architecture); "
-                             f"only 'llama' models load")
+                             f"supported: {sorted(GGUF_ARCHITECTURES)}")
+
+    def value(key: str, default: Any = None) -> Any:
+        return _gguf_field(reader, f"{arch}.{key}", default)
 
     def required(key: str) -> Any:
-        value = _gguf_field(reader, f"llama.{key}")
-        if value is None:
-            raise ModelLoadError(f"{path}: metadata llama.{key} is missing")
-        return value
+        found = value(key)
+        if found is None:
+            raise ModelLoadError(f"{path}: metadata {arch}.{key} is missing")
+        return found
 
     hidden, heads = required("embedding_length"), required("attention.head_count")
-    head_dim = _gguf_field(reader, "llama.attention.key_length")
+    head_dim = value("attention.key_length")
     if head_dim is None:
         if heads <= 0 or hidden % heads:
-            raise ModelLoadError(f"{path}: llama.attention.head_count ({heads}) must divide "
-                                 f"llama.embedding_length ({hidden})")
+            raise ModelLoadError(f"{path}: {arch}.attention.head_count ({heads}) must divide "
+                                 f"{arch}.embedding_length ({hidden})")
         head_dim = hidden // heads
-    if _gguf_field(reader, "llama.rope.dimension_count", head_dim) != head_dim:
-        raise ModelLoadError(f"{path}: partial rotary embeddings (llama.rope.dimension_count != head dim "
+    if value("rope.dimension_count", head_dim) != head_dim:
+        raise ModelLoadError(f"{path}: partial rotary embeddings ({arch}.rope.dimension_count != head dim "
                              f"{head_dim}) are not supported")
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab_size = _gguf_field(reader, "llama.vocab_size") or (len(tokens.data) if tokens is not None else None)
+    vocab_size = value("vocab_size") or (len(tokens.data) if tokens is not None else None)
     if vocab_size is None:
-        raise ModelLoadError(f"{path}: vocabulary size unknown (no llama.vocab_size nor tokenizer.ggml.tokens)")
-    rope_theta = _gguf_float(reader, "llama.rope.freq_base", 10000.0)
+        raise ModelLoadError(f"{path}: vocabulary size unknown (no {arch}.vocab_size nor tokenizer.ggml.tokens)")
+    layers = required("block_count")
+    names = {t.name for t in reader.tensors}
+    rope_theta = _gguf_float(reader, f"{arch}.rope.freq_base", 10000.0)
+    rope = Rope(rope_theta, _gguf_rope_scaling(reader, arch, path, head_dim, rope_theta))
+    gemma = arch in ("gemma2", "gemma3")
+    window = value("attention.sliding_window")
+    # llama.cpp's layouts, which the file does not spell out: Gemma 2 slides every other layer, Gemma 3
+    # five of six, with a local rotary base of 10000; the 27B models scale queries by hidden / heads.
+    pattern = {"gemma2": 2, "gemma3": 6}.get(arch, 1)
+    local = Rope(10000.0) if arch == "gemma3" else rope
+    specs = tuple(LayerSpec(local, window) if window and (i % pattern < pattern - 1 or pattern == 1) else LayerSpec(rope)
+                  for i in range(layers))
+    big_gemma = (arch, layers) in (("gemma2", 46), ("gemma3", 62))
     fields = dict(
-        architecture="llama",
+        architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=required("feed_forward_length"),
-        num_hidden_layers=required("block_count"),
+        num_hidden_layers=layers,
         num_attention_heads=heads,
-        num_key_value_heads=_gguf_field(reader, "llama.attention.head_count_kv", heads),
+        num_key_value_heads=value("attention.head_count_kv", heads),
         head_dim=head_dim,
-        rms_norm_eps=_gguf_float(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5),
-        rope_theta=rope_theta,
-        rope_scaling=_gguf_rope_scaling(reader, path, head_dim, rope_theta),
+        rms_norm_eps=_gguf_float(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5),
+        rope_theta=rope.theta,
+        rope_scaling=rope.scaling,
         max_position_embeddings=required("context_length"),
         # llama.cpp leaves out output.weight when the model reuses the embedding.
-        tie_word_embeddings=all(t.name != "output.weight" for t in reader.tensors),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        sandwich_norms=gemma,
+        hidden_act="gelu_tanh" if gemma else "silu",
+        embedding_scale=hidden ** 0.5 if gemma else 1.0,
+        attention_scale=(hidden / heads) ** -0.5 if big_gemma else None,
+        attn_logit_softcap=_optional_float(reader, f"{arch}.attn_logit_softcapping"),
+        final_logit_softcap=_optional_float(reader, f"{arch}.final_logit_softcapping"),
+        layers=specs,
     )
     try:
         return ModelConfig(**fields)
@@ -198,18 +245,32 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
         raise ModelLoadError(f"{path}: invalid model metadata: {e}") from e
 
 
-def _gguf_rope_scaling(reader: gguf.GGUFReader, path: Path, head_dim: int, theta: float) -> dict | None:
-    freq_factors = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freq_factors is not None:
+def _optional_float(reader: gguf.GGUFReader, key: str) -> float | None:
+    return _gguf_float(reader, key, 0.0) if key in reader.fields else None
+
+
+def _gguf_rope_scaling(reader: gguf.GGUFReader, arch: str, path: Path, head_dim: int, theta: float) -> dict | None:
+    names = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" in names:
+        # Phi-3's LongRoPE: per-frequency factors for short and long contexts.
+        original = _gguf_field(reader, f"{arch}.rope.scaling.original_context_length")
+        scaling = {"rope_type": "longrope", "original_max_position_embeddings": original,
+                   "short_factor": np.asarray(names["rope_factors_short.weight"].data, dtype=np.float64).tolist(),
+                   "long_factor": np.asarray(names["rope_factors_long.weight"].data, dtype=np.float64).tolist()}
+        if f"{arch}.rope.scaling.attn_factor" in reader.fields:
+            scaling["attention_factor"] = _gguf_float(reader, f"{arch}.rope.scaling.attn_factor", 1.0)
+        return scaling
+    if "rope_freqs.weight" in names:
         # llama.cpp stores Llama 3 scaling only as per-frequency factors.
-        return _llama3_scaling_from_factors(np.asarray(freq_factors.data, dtype=np.float64), head_dim, theta,
-                                            _gguf_field(reader, "llama.rope.scaling.original_context_length"), path)
-    scaling_type = _gguf_field(reader, "llama.rope.scaling.type", "none")
+        return _llama3_scaling_from_factors(np.asarray(names["rope_freqs.weight"].data, dtype=np.float64), head_dim,
+                                            theta, _gguf_field(reader, f"{arch}.rope.scaling.original_context_length"),
+                                            path)
+    scaling_type = _gguf_field(reader, f"{arch}.rope.scaling.type", "none")
     if scaling_type == "none":
         return None
     if scaling_type == "linear":
-        return {"rope_type": "linear", "factor": _gguf_float(reader, "llama.rope.scaling.factor", 1.0)}
-    raise ModelLoadError(f"{path}: unsupported rope scaling {scaling_type!r} (supported: linear, llama3)")
+        return {"rope_type": "linear", "factor": _gguf_float(reader, f"{arch}.rope.scaling.factor", 1.0)}
+    raise ModelLoadError(f"{path}: unsupported rope scaling {scaling_type!r} (supported: linear, llama3, longrope)")
 
 
 def llama3_rope_factors(scaling: dict, head_dim: int, theta: float) -> np.ndarray:
@@ -235,27 +296,58 @@ def _llama3_scaling_from_factors(factors: np.ndarray, head_dim: int, theta: floa
 
 
 def gguf_hf_name(gguf_name: str) -> str | None:
-    """HF Llama name of a GGUF tensor, or None for tensors the model does not use."""
+    """The loader's name of a GGUF tensor, or None for tensors the model does not use."""
     if gguf_name in _GGUF_GLOBAL_NAMES:
         return _GGUF_GLOBAL_NAMES[gguf_name]
     match = _GGUF_LAYER_TENSOR.fullmatch(gguf_name)
     if match and match[2] in _GGUF_LAYER_NAMES:
-        return f"model.layers.{match[1]}.{_GGUF_LAYER_NAMES[match[2]]}.weight"
+        return f"model.layers.{match[1]}.{_GGUF_LAYER_NAMES[match[2]]}.{match[3]}"
     return None
 
 
+@dataclass
+class GGUFPart:
+    """Some output rows of a fused GGUF tensor (Phi-3's attn_qkv, ffn_up), read as a tensor of its own."""
+
+    name: str
+    tensor_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]          # GGUF order, as ReaderTensor.shape
+    data: np.ndarray                # its block rows
+    n_bytes: int
+
+
+def _split_fused(tensor: gguf.ReaderTensor, parts: tuple[str, ...], config: ModelConfig, layer: str, path: Path
+                 ) -> dict[str, GGUFPart]:
+    rows = np.asarray(tensor.data)
+    sizes = ([config.q_size, config.kv_size, config.kv_size] if len(parts) == 3 else [config.intermediate_size] * 2)
+    if rows.shape[0] != sum(sizes):
+        raise ModelLoadError(f"{path}: tensor {tensor.name} has {rows.shape[0]} rows, expected {sum(sizes)}")
+    out, start = {}, 0
+    for part, size in zip(parts, sizes):
+        data = rows[start:start + size]
+        name = f"blk.{layer}.{part}.weight"
+        out[name] = GGUFPart(name, tensor.tensor_type, (*tensor.shape[:-1], size), data, data.nbytes)
+        start += size
+    return out
+
+
 def gguf_weight_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path
-                        ) -> dict[str, gguf.ReaderTensor]:
-    """HF name -> the file's tensor as stored (possibly quantized), checked against `config`."""
+                        ) -> dict[str, gguf.ReaderTensor | GGUFPart]:
+    """Loader name -> the file's tensor as stored (possibly quantized), checked against `config`."""
     tensors = {}
     for tensor in reader.tensors:
-        name = gguf_hf_name(tensor.name)
-        if name is None:
-            continue
         if tensor.data.nbytes != tensor.n_bytes:
             raise ModelLoadError(f"{path}: tensor {tensor.name} has {tensor.data.nbytes} bytes of data, "
                                  f"expected {tensor.n_bytes} (truncated file?)")
-        tensors[name] = tensor
+        match = _GGUF_LAYER_TENSOR.fullmatch(tensor.name)
+        if config.architecture == "phi3" and match and match[2] in _GGUF_FUSED and match[3] == "weight":
+            found = _split_fused(tensor, _GGUF_FUSED[match[2]], config, match[1], path)
+        else:
+            found = {tensor.name: tensor}
+        for gguf_name, part in found.items():
+            name = gguf_hf_name(gguf_name)
+            if name is not None:
+                tensors[name] = part
     _check_weight_shapes({name: gguf_logical_shape(t) for name, t in tensors.items()}, config, path,
                          label=_gguf_label)
     return tensors
@@ -263,21 +355,24 @@ def gguf_weight_tensors(reader: gguf.GGUFReader, config: ModelConfig, path: Path
 
 def _gguf_label(hf_name: str) -> str:
     """'blk.0.attn_q.weight (model.layers.0.self_attn.q_proj.weight)', for error messages."""
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.weight", hf_name)
+    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)", hf_name)
     if match:
-        gguf_name = f"blk.{match[1]}.{_HF_LAYER_TO_GGUF[match[2]]}.weight"
+        gguf_name = f"blk.{match[1]}.{_HF_LAYER_TO_GGUF[match[2]]}.{match[3]}"
     else:
         gguf_name = _HF_GLOBAL_TO_GGUF[hf_name]
     return f"{gguf_name} ({hf_name})"
 
 
-def gguf_logical_shape(tensor: gguf.ReaderTensor) -> tuple[int, ...]:
+def gguf_logical_shape(tensor: gguf.ReaderTensor | GGUFPart) -> tuple[int, ...]:
     # GGUF lists dimensions fastest-first (ne0 = in_features), torch slowest-first.
     return tuple(int(d) for d in reversed(tensor.shape))
 
 
 def rotary_heads(name: str, config: ModelConfig) -> int | None:
-    """Heads whose rows llama.cpp permuted in this tensor (Q and K projections), else None."""
+    """Heads whose rows llama.cpp permuted in this tensor (Q and K projections of its "llama"
+    architecture, which runs rotary on interleaved pairs), else None."""
+    if config.architecture != "llama":
+        return None
     if name.endswith("self_attn.q_proj.weight"):
         return config.num_attention_heads
     if name.endswith("self_attn.k_proj.weight"):
@@ -293,7 +388,7 @@ def unpermute_rotary_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
     return rows.reshape(n_head, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def gguf_block_rows(name: str, tensor: gguf.ReaderTensor, config: ModelConfig) -> np.ndarray:
+def gguf_block_rows(name: str, tensor: gguf.ReaderTensor | GGUFPart, config: ModelConfig) -> np.ndarray:
     """A 2-D GGUF tensor's raw rows (uint8 [out_features, bytes a row] for block formats), Q/K rows
     un-permuted into HF order, so quantized kernels can take the blocks as stored."""
     rows = np.asarray(tensor.data)
@@ -301,7 +396,7 @@ def gguf_block_rows(name: str, tensor: gguf.ReaderTensor, config: ModelConfig) -
     return unpermute_rotary_rows(rows, n_head) if n_head is not None else rows
 
 
-def dequantize_gguf_tensor(name: str, tensor: gguf.ReaderTensor, config: ModelConfig) -> torch.Tensor:
+def dequantize_gguf_tensor(name: str, tensor: gguf.ReaderTensor | GGUFPart, config: ModelConfig) -> torch.Tensor:
     """One GGUF tensor as float32 in HF layout."""
     values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(gguf_logical_shape(tensor))
     n_head = rotary_heads(name, config)
@@ -345,11 +440,14 @@ def _load_hf_dir(path: Path) -> Checkpoint:
     from leanserve.engine import quantize  # it imports this module
     if quantize.saved_quantization(files[0]) is not None:   # written by `leanserve quantize`
         return _load_quantized_dir(path, config, files)
-    shapes, file_of = {}, {}
+    shapes, sources = {}, {}            # loader name -> shape, (file, checkpoint name, rows)
     for file in files:
         with _open_safetensors(file) as f:
             for name in f.keys():
-                shapes[name], file_of[name] = tuple(f.get_slice(name).get_shape()), file
+                shape = tuple(f.get_slice(name).get_shape())
+                for loader_name, rows in _hf_loader_names(name, shape, config).items():
+                    shapes[loader_name] = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+                    sources[loader_name] = file, name, rows
     _check_weight_shapes(shapes, config, path)
     try:
         tokenizer = Tokenizer.from_hf_dir(path)
@@ -360,9 +458,33 @@ def _load_hf_dir(path: Path) -> Checkpoint:
     for file in files:
         with _open_safetensors(file) as f:
             for name in expected_weight_shapes(config):
-                if file_of[name] == file:
-                    weights[name] = f.get_tensor(name).to(torch.float32)
+                source, stored, rows = sources[name]
+                if source == file:
+                    tensor = f.get_tensor(stored).to(torch.float32)
+                    weights[name] = tensor if rows is None else tensor[rows].clone()
+    if config.sandwich_norms:
+        # Gemma's norms multiply by (1 + weight), computed in float32 as HF does.
+        weights = {name: w + 1.0 if name.endswith("norm.weight") else w for name, w in weights.items()}
     return _checkpoint(path, config, weights, tokenizer)
+
+
+def _hf_loader_names(name: str, shape: tuple[int, ...], config: ModelConfig) -> dict[str, slice | None]:
+    """The loader's names of a checkpoint tensor: itself, Gemma's norms renamed, or the parts (their rows)
+    of Phi-3's fused qkv_proj and gate_up_proj."""
+    match = re.fullmatch(r"(model\.layers\.\d+\.)(.+)\.(weight|bias)", name)
+    if match is None:
+        return {name: None}
+    prefix, module, kind = match.groups()
+    if config.sandwich_norms:
+        module = _GEMMA_NORMS.get(module, module)
+    if module not in _HF_FUSED:
+        return {f"{prefix}{module}.{kind}": None}
+    parts = _HF_FUSED[module]
+    sizes = [config.q_size, config.kv_size, config.kv_size] if len(parts) == 3 else [config.intermediate_size] * 2
+    if shape[0] != sum(sizes):
+        return {name: None}            # reported as a missing part by the shape check
+    starts = np.cumsum([0, *sizes])
+    return {f"{prefix}{part}.{kind}": slice(int(a), int(b)) for part, a, b in zip(parts, starts, starts[1:])}
 
 
 def _load_quantized_dir(path: Path, config: ModelConfig, files: list[Path]) -> Checkpoint:

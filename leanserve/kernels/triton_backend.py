@@ -5,7 +5,11 @@ per-step tensors on the cache's device (block tables, query starts and lengths,
 the prefill work list, the decode stream-K plan) and stores them on the metadata
 as `md.triton_prefill` and `md.triton_decode`; `forward` writes the new keys and
 values into the cache, then runs the prefill kernel over every sequence with
-more than one query token and lean decode over the one-token ones.
+more than one query token and lean decode over the one-token ones, under the
+layer's `AttentionOptions`. The stream-K plan depends on the sliding window (a
+windowed plan tiles only the window), so one is built per step and distinct
+window and shared by the layers that have it; the prefill kernel takes the
+window and soft-cap as arguments.
 
 The kernel modules are imported on first use, not with this module: `triton.jit`
 decides when a kernel is defined whether it runs compiled or in the interpreter
@@ -14,13 +18,12 @@ engine would fix that choice too early.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
-from leanserve.kernels.attention import AttentionMetadata
+from leanserve.kernels.attention import AttentionMetadata, AttentionOptions, default_options, effective_window
 
 if TYPE_CHECKING:
     from leanserve.kernels.triton.lean_attention import LeanPlan
@@ -46,7 +49,8 @@ class TritonDecodeBatch:
     block_tables: torch.Tensor   # int32 [B, max_blocks], padded with block 0
     host_context_lens: list[int]  # the same lengths on the host, for the planner
     num_workers: int
-    plan: "LeanPlan | None" = None  # stream-K plan, once the KV head count is known
+    # Stream-K plans by (KV head count, sliding window), built when first needed.
+    plans: "dict[tuple[int, int | None], LeanPlan]" = field(default_factory=dict)
 
 
 def _block_table_tensor(md: AttentionMetadata, seqs: list[int], device: torch.device) -> torch.Tensor:
@@ -63,8 +67,9 @@ class TritonAttentionBackend:
     num_workers: stream-K workers for decode (None: the device's SM count).
     tile_size: decode tile in tokens (a multiple of the cache block size keeps a
     tile's reads inside whole blocks). num_kv_heads: the model's KV head count,
-    which the stream-K plan depends on; given, the plan is built in `prepare`,
-    otherwise by the first layer's `forward` of the step and reused by the others.
+    which the stream-K plan depends on; given, the whole-context plan is built in
+    `prepare`; otherwise, and for each sliding window, by the first layer of the
+    step that needs it, and reused by the others.
     prefill_block_m: query rows per prefill program.
     """
 
@@ -101,33 +106,39 @@ class TritonAttentionBackend:
                 torch.tensor([md.query_starts[s] for s in decode], dtype=torch.int64, device=device),
                 int32(context_lens), _block_table_tensor(md, decode, device), context_lens, workers)
             if self.num_kv_heads is not None:
-                self._plan(md.triton_decode, self.num_kv_heads, device)
+                self._plan(md.triton_decode, self.num_kv_heads, None, device)
 
-    def _plan(self, batch: TritonDecodeBatch, num_kv_heads: int, device: torch.device) -> "LeanPlan":
+    def _plan(self, batch: TritonDecodeBatch, num_kv_heads: int, window: int | None,
+              device: torch.device) -> "LeanPlan":
         from leanserve.kernels.triton.lean_attention import plan_lean_tiles
 
-        if batch.plan is None or batch.plan.num_kv_heads != num_kv_heads:
-            batch.plan = plan_lean_tiles(batch.host_context_lens, num_kv_heads, self.tile_size,
-                                         batch.num_workers).to(device)
-        return batch.plan
+        key = (num_kv_heads, window)
+        if key not in batch.plans:
+            batch.plans[key] = plan_lean_tiles(batch.host_context_lens, num_kv_heads, self.tile_size,
+                                               batch.num_workers, window).to(device)
+        return batch.plans[key]
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
-        """q [T, H, D], k and v [T, Hkv, D] for the new tokens; returns [T, H, D]."""
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, md: AttentionMetadata, options: AttentionOptions | None = None
+                ) -> torch.Tensor:
+        """q [T, H, D], k and v [T, Hkv, D] for the new tokens; returns [T, H, D] under this layer's
+        options (None: `default_options`)."""
         from leanserve.kernels.triton.lean_attention import lean_attention_decode
         from leanserve.kernels.triton.prefill_attention import prefill_attention
 
         num_kv_heads, head_dim = k.shape[1], k.shape[2]
+        options = options if options is not None else default_options(head_dim)
+        window = effective_window(md, options.sliding_window)
         k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, md.slot_mapping, k)
         v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, md.slot_mapping, v)
         out = torch.empty_like(q)
-        scale = 1.0 / math.sqrt(head_dim)
         pf, dc = md.triton_prefill, md.triton_decode
         if pf is not None:
             prefill_attention(q, k_cache, v_cache, pf.block_tables, pf.query_starts, pf.query_lens,
-                              pf.context_lens, scale, out=out, block_m=self.prefill_block_m, work=pf.work)
+                              pf.context_lens, options.scale, window=window, softcap=options.softcap, out=out,
+                              block_m=self.prefill_block_m, work=pf.work)
         if dc is not None:
-            plan = self._plan(dc, num_kv_heads, q.device)
+            plan = self._plan(dc, num_kv_heads, window, q.device)
             out[dc.rows] = lean_attention_decode(q[dc.rows], k_cache, v_cache, dc.block_tables, dc.context_lens,
-                                                 scale, plan=plan)
+                                                 options.scale, window=window, softcap=options.softcap, plan=plan)
         return out

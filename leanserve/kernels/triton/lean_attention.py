@@ -17,6 +17,11 @@ lengths, not batch x longest context. Keys and values are read straight from
 the cache through the block table, [num_blocks, block_size, Hkv, D] as in
 `leanserve.kernels.attention`.
 
+A sliding window is the plan's business: the decode token at position ctx - 1
+sees keys ctx - window .. ctx - 1, so a windowed plan cuts only that range into
+tiles and nothing before it is read. Soft-capping (cap * tanh(scores / cap)) is
+a compile-time switch of the kernel.
+
 The segment plan is built on the host with a few torch ops (`plan_lean_tiles`),
 once per step, and shared by all layers.
 
@@ -42,7 +47,8 @@ class LeanPlan:
     """Stream-K decomposition of one decode batch.
 
     Segment `s` is tokens [token_start, token_end) of KV head `kv_head` of decode
-    sequence `seq`; its partial result lives in slot `s` of the partials buffer.
+    sequence `seq` (inside the last `window` tokens of its context, with a window);
+    its partial result lives in slot `s` of the partials buffer.
     Segments are ordered by worker and, because the tile list is unit-major, by
     unit too: worker w owns segments worker_ptr[w] .. worker_ptr[w + 1] - 1 and
     unit u = seq * num_kv_heads + kv_head owns slots unit_ptr[u] .. unit_ptr[u + 1] - 1.
@@ -54,6 +60,7 @@ class LeanPlan:
     worker_tiles: torch.Tensor  # int64 [num_workers + 1]: tile range bounds (kept for tests and stats)
     num_kv_heads: int
     tile_size: int
+    window: int | None = None
 
     @property
     def num_workers(self) -> int:
@@ -65,7 +72,7 @@ class LeanPlan:
 
     def to(self, device: torch.device | str) -> "LeanPlan":
         return LeanPlan(self.segments.to(device), self.worker_ptr.to(device), self.unit_ptr.to(device),
-                        self.worker_tiles, self.num_kv_heads, self.tile_size)
+                        self.worker_tiles, self.num_kv_heads, self.tile_size, self.window)
 
 
 def default_num_workers(device: torch.device | str) -> int:
@@ -77,18 +84,23 @@ def default_num_workers(device: torch.device | str) -> int:
 
 
 def plan_lean_tiles(context_lens: list[int] | torch.Tensor, num_kv_heads: int, tile_size: int,
-                    num_workers: int) -> LeanPlan:
-    """Cut every (sequence, KV head)'s context into tiles and split the flat tile list
-    into `num_workers` contiguous ranges (sizes differ by at most one), each cut at
-    unit boundaries into segments. Runs on the CPU; move the result with `.to()`."""
+                    num_workers: int, window: int | None = None) -> LeanPlan:
+    """Cut every (sequence, KV head)'s context (with a window: its last `window` tokens)
+    into tiles and split the flat tile list into `num_workers` contiguous ranges (sizes
+    differ by at most one), each cut at unit boundaries into segments. Runs on the CPU;
+    move the result with `.to()`."""
     if tile_size < 1 or num_workers < 1 or num_kv_heads < 1:
         raise ValueError(f"tile_size ({tile_size}), num_workers ({num_workers}) and "
                          f"num_kv_heads ({num_kv_heads}) must be positive")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be positive or None, got {window}")
     ctx = torch.as_tensor(context_lens, dtype=torch.int64).cpu()
     if ctx.numel() and int(ctx.min()) < 1:
         raise ValueError("every decode sequence needs at least one context token")
     unit_ctx = ctx.repeat_interleave(num_kv_heads)                     # [U], unit u = seq * Hkv + head
-    unit_tiles = (unit_ctx + tile_size - 1) // tile_size
+    # First key each unit's token sees; tiles are counted from there.
+    unit_key_start = (unit_ctx - window).clamp(min=0) if window is not None else torch.zeros_like(unit_ctx)
+    unit_tiles = (unit_ctx - unit_key_start + tile_size - 1) // tile_size
     unit_bounds = torch.cat([torch.zeros(1, dtype=torch.int64), unit_tiles.cumsum(0)])   # [U + 1], in tiles
     total = int(unit_bounds[-1])
     # Balanced split: worker w gets tiles [w * total // W, (w + 1) * total // W).
@@ -98,13 +110,13 @@ def plan_lean_tiles(context_lens: list[int] | torch.Tensor, num_kv_heads: int, t
     seg_start, seg_end = cuts[:-1], cuts[1:]
     unit = torch.searchsorted(unit_bounds, seg_start, right=True) - 1
     first_tile = seg_start - unit_bounds[unit]
-    token_start = first_tile * tile_size
-    token_end = torch.minimum((seg_end - unit_bounds[unit]) * tile_size, unit_ctx[unit])
+    token_start = unit_key_start[unit] + first_tile * tile_size
+    token_end = torch.minimum(unit_key_start[unit] + (seg_end - unit_bounds[unit]) * tile_size, unit_ctx[unit])
     segments = torch.stack([unit // num_kv_heads, unit % num_kv_heads, token_start, token_end], 1)
     worker_ptr = torch.searchsorted(seg_start, worker_bounds)            # first segment at or after each bound
     unit_ptr = torch.searchsorted(seg_start, unit_bounds)
     return LeanPlan(segments.to(torch.int32).contiguous(), worker_ptr.to(torch.int32), unit_ptr.to(torch.int32),
-                    worker_bounds, num_kv_heads, tile_size)
+                    worker_bounds, num_kv_heads, tile_size, window)
 
 
 def compute_dtype(t: torch.Tensor) -> tl.dtype:
@@ -121,11 +133,24 @@ def dot_precision(dtype: tl.dtype) -> str:
 
 
 @triton.jit
+def soft_cap(x, cap):
+    """cap * tanh(x / cap). triton.language has no tanh (and the interpreter no libdevice): through
+    e = exp(-2|y|), in (0, 1], which cannot overflow whatever the score."""
+    y = x / cap
+    e = tl.exp(-2.0 * tl.abs(y))
+    t = (1.0 - e) / (1.0 + e)
+    return cap * tl.where(y < 0, -t, t)
+
+
+@triton.jit
 def online_softmax_step(qk, v, m_i, l_i, acc, DTYPE: tl.constexpr, PRECISION: tl.constexpr):
-    """Fold one tile of scores qk [R, N] and values v [N, D] into the running max, sum and output."""
+    """Fold one tile of scores qk [R, N] and values v [N, D] into the running max, sum and output.
+    A row with no visible key yet (max -inf: a sliding window starting past this tile) stays empty
+    instead of turning NaN (exp(-inf - -inf))."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.exp(m_i - m_new)
-    p = tl.exp(qk - m_new[:, None])
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(qk - m_safe[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(DTYPE), v, input_precision=PRECISION)
     return m_new, l_i, acc
@@ -149,13 +174,14 @@ def paged_kv_tile(K, V, BlockTables, seq, stride_bt, kv_head, pos, valid, offs_d
 
 @triton.jit
 def _lean_decode_kernel(
-    Q, K, V, BlockTables, Segments, WorkerPtr, PartialO, PartialLse, scale,
+    Q, K, V, BlockTables, Segments, WorkerPtr, PartialO, PartialLse, scale, softcap,
     stride_qb, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, PAGE: tl.constexpr, DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     worker = tl.program_id(0)
     seg_lo = tl.load(WorkerPtr + worker)
@@ -183,6 +209,8 @@ def _lean_decode_kernel(
             k, v = paged_kv_tile(K, V, BlockTables, seq, stride_bt, kv_head, pos, valid, offs_d, mask_d,
                                  stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, DTYPE)
             qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale            # [G, N] fp32
+            if SOFTCAP:
+                qk = soft_cap(qk, softcap)
             qk = tl.where(valid[None, :], qk, float("-inf"))
             # A segment has at least one valid key, so the running max stays finite.
             m_i, l_i, acc = online_softmax_step(qk, v, m_i, l_i, acc, DTYPE, PRECISION)
@@ -230,14 +258,18 @@ def _lean_merge_kernel(
 
 def lean_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float | None = None,
-                          *, num_workers: int | None = None, tile_size: int = 64, plan: LeanPlan | None = None,
+                          *, window: int | None = None, softcap: float | None = None,
+                          num_workers: int | None = None, tile_size: int = 64, plan: LeanPlan | None = None,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention, one query token per sequence, on the paged cache.
 
     q [B, H, D]; k_cache, v_cache [num_blocks, block_size, Hkv, D]; block_tables
-    int32 [B, max_blocks]; context_lens int32 [B] (keys 0 .. len - 1 are attended).
-    `plan` (from `plan_lean_tiles`, on q's device) is built here from context_lens
-    when not given, which reads them back to the host. Returns [B, H, D] in q's dtype.
+    int32 [B, max_blocks]; context_lens int32 [B] (keys 0 .. len - 1 are attended,
+    with a sliding `window` only the last `window` of them). Scores are scale * q.k
+    (default 1 / sqrt(D)), soft-capped to softcap * tanh(scores / softcap) if set.
+    `plan` (from `plan_lean_tiles` with the same window, on q's device) is built here
+    from context_lens when not given, which reads them back to the host. Returns
+    [B, H, D] in q's dtype.
     """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
@@ -249,7 +281,9 @@ def lean_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
     if plan is None:
         workers = num_workers if num_workers is not None else default_num_workers(q.device)
-        plan = plan_lean_tiles(context_lens.tolist(), num_kv_heads, tile_size, workers).to(q.device)
+        plan = plan_lean_tiles(context_lens.tolist(), num_kv_heads, tile_size, workers, window).to(q.device)
+    if plan.window != window:
+        raise ValueError(f"plan is for window {plan.window}, attention for window {window}")
     if plan.num_kv_heads != num_kv_heads or plan.unit_ptr.numel() != batch * num_kv_heads + 1:
         raise ValueError(f"plan is for {plan.unit_ptr.numel() - 1} (sequence, KV head) pairs with "
                          f"{plan.num_kv_heads} KV heads; this batch has {batch} x {num_kv_heads}")
@@ -266,12 +300,13 @@ def lean_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
     block_n = max(16, min(64, triton.next_power_of_2(plan.tile_size)))
     _lean_decode_kernel[(plan.num_workers,)](
         q, k_cache, v_cache, block_tables, plan.segments, plan.worker_ptr, partial_o, partial_lse, scale,
+        1.0 if softcap is None else softcap,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         GROUP=group, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_N=block_n,
-        PAGE=k_cache.shape[1], DTYPE=dtype, PRECISION=dot_precision(dtype),
+        PAGE=k_cache.shape[1], DTYPE=dtype, PRECISION=dot_precision(dtype), SOFTCAP=softcap is not None,
     )
     merge_lean_partials(partial_o, partial_lse, plan.unit_ptr, out)
     return out
