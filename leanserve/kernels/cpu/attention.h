@@ -320,7 +320,8 @@ void lean_decode(StepPlan& plan, const AttentionOptions& options, const float* q
       float* o = out + (plan.decode_rows[b] * heads + h) * dim;
       std::fill(o, o + dim, 0.f);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t i = set.first_tile[b]; i < set.first_tile[b + 1]; ++i) top = std::max(top, partial_lse[i * heads + h]);
+      for (int64_t i = set.first_tile[b]; i < set.first_tile[b + 1]; ++i)
+        top = std::max(top, partial_lse[i * heads + h]);
       float total = 0.f;
       for (int64_t i = set.first_tile[b]; i < set.first_tile[b + 1]; ++i) {
         const float w = std::exp(partial_lse[i * heads + h] - top);
@@ -533,7 +534,8 @@ void write_rotated(const float* qkv, const float* cos, const float* sin, const i
       for (int64_t h = 0; h < heads; ++h)
         rotate(normalized(row + h * dim, prep.q_norm), cb, sb, scale, q + (b * heads + h) * dim);
       for (int64_t h = 0; h < kv_heads; ++h) {                // keys, rotated; values as they are
-        rotate(normalized(row + (heads + h) * dim, prep.k_norm), cb, sb, 1.f, k_cache + (slots[b] * kv_heads + h) * dim);
+        rotate(normalized(row + (heads + h) * dim, prep.k_norm), cb, sb, 1.f,
+               k_cache + (slots[b] * kv_heads + h) * dim);
         const float* value = row + (heads + kv_heads + h) * dim;
         T* v = v_cache + (slots[b] * kv_heads + h) * dim;
         for (int64_t d = 0; d < dim; d += L) simd::store(v + d, simd::load(value + d));

@@ -154,9 +154,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                        const std::optional<at::Tensor>& mlp_output_norm, const std::optional<at::Tensor>& qkv_bias,
                        const std::optional<at::Tensor>& q_norm, const std::optional<at::Tensor>& k_norm,
                        const std::optional<int64_t>& window, int64_t rope) {
-             return DecoderLayer{input_norm.contiguous(), post_attention_norm.contiguous(), or_undefined(attn_output_norm),
-                                 or_undefined(mlp_output_norm), qkv, o, gate_up, down, or_undefined(qkv_bias),
-                                 or_undefined(q_norm), or_undefined(k_norm), or_zero(window), rope, k_cache, v_cache};
+             return DecoderLayer{input_norm.contiguous(), post_attention_norm.contiguous(),
+                                 or_undefined(attn_output_norm), or_undefined(mlp_output_norm), qkv, o, gate_up, down,
+                                 or_undefined(qkv_bias), or_undefined(q_norm), or_undefined(k_norm), or_zero(window),
+                                 rope, k_cache, v_cache};
            }),
            py::arg("input_norm"), py::arg("post_attention_norm"), py::arg("qkv"), py::arg("o"), py::arg("gate_up"),
            py::arg("down"), py::arg("k_cache"), py::arg("v_cache"), py::kw_only(),
