@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from leanserve.kernels.attention import AttentionOptions
+from tests.attention_cases import attention_reference, relative_error
 from tests.conftest import LEVELS
-from tests.test_attention import attention_reference
 
 QUANT_FORMATS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", 64), ("int8", 256)]
 
@@ -103,25 +104,6 @@ def test_quant_linear_linear_object_and_dense(kernels):
 
 
 # ---------------------------------------------------------------------------------- elementwise
-
-
-def reference(q, keys, values, scale, window=None, softcap=None):
-    """q [n, H, D] are the last n of m positions; float64 softmax attention with the options of
-    kernels/attention.py's AttentionOptions (a token at p sees keys at positions in (p - window, p])."""
-    n, heads, _ = q.shape
-    m, num_kv = keys.shape[:2]
-    k = keys.double().repeat_interleave(heads // num_kv, dim=1)
-    v = values.double().repeat_interleave(heads // num_kv, dim=1)
-    scores = torch.einsum("nhd,mhd->hnm", q.double(), k) * scale
-    if softcap is not None:
-        scores = softcap * torch.tanh(scores / softcap)
-    key, position = torch.arange(m)[None, :], torch.arange(m - n, m)[:, None]
-    visible = (key <= position) & (key > position - (window or m + 1))
-    return torch.einsum("hnm,mhd->nhd", scores.masked_fill(~visible, float("-inf")).softmax(-1), v)
-
-
-def relative_error(got, expected):
-    return ((got.double() - expected).abs().max() / expected.abs().max()).item()
 
 
 def test_norms_and_silu_match_float64(kernels):
@@ -255,13 +237,14 @@ def test_lean_decode_with_window_and_softcap(kernels, window, softcap, group, he
     width = max(len(t) for t in batch.tables)
     tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables])
     scale = head_dim ** -0.5
+    options = AttentionOptions(scale, window, softcap)
     out = kernels.lean_attention_decode(q, batch.k_cache, batch.v_cache, tables, torch.tensor(contexts), tile, scale,
                                         softcap=softcap, window=window)
     for b, (k, v) in enumerate(zip(batch.keys, batch.values)):
-        expected = reference(q[b:b + 1], k, v, scale, window, softcap)[0]
+        expected = attention_reference(q[b:b + 1], k, v, options)[0]
         assert relative_error(out[b], expected) < 1e-5, f"context {contexts[b]}"
         if contexts[b] > (window or 1):     # the options change this row's attention
-            plain = reference(q[b:b + 1], k, v, scale)[0]
+            plain = attention_reference(q[b:b + 1], k, v, AttentionOptions(scale))[0]
             assert relative_error(out[b], plain) > 1e-2, f"context {contexts[b]}"
 
 
@@ -278,14 +261,15 @@ def test_prefill_attention_with_window_and_softcap(kernels, window, softcap, dty
     q = torch.randn(len(batch.slots), heads, head_dim, generator=batch.generator) * 2
     out = torch.zeros_like(q)
     scale = head_dim ** -0.5
+    options = AttentionOptions(scale, window, softcap)
     plan = batch.plan(kernels, heads, batch_invariant=True, windows=[window or 0])    # the decode row too
     kernels.prefill_attention(q, batch.k_cache, batch.v_cache, plan, scale, out, softcap=softcap, window=window)
     for start, (cached, new), k, v in zip(batch.starts, shapes, batch.keys, batch.values):
         rows = slice(start, start + new)
-        expected = reference(q[rows], batch.rounded(k), batch.rounded(v), scale, window, softcap)
+        expected = attention_reference(q[rows], batch.rounded(k), batch.rounded(v), options)
         assert relative_error(out[rows], expected) < 1e-5, f"segment at row {start}"
         if cached + new > (window or 1):
-            plain = reference(q[rows], batch.rounded(k), batch.rounded(v), scale)
+            plain = attention_reference(q[rows], batch.rounded(k), batch.rounded(v), AttentionOptions(scale))
             assert relative_error(out[rows], plain) > 1e-2, f"segment at row {start}"
 
 
@@ -318,7 +302,8 @@ def test_windowed_prefill_is_batch_invariant(kernels, window, softcap):
         return out[:sum(lens[:-1])]
 
     whole = run([(0, total)])
-    assert relative_error(whole, reference(q, batch.keys[0], batch.values[0], d ** -0.5, window, softcap)) < 1e-5
+    options = AttentionOptions(d ** -0.5, window, softcap)
+    assert relative_error(whole, attention_reference(q, batch.keys[0], batch.values[0], options)) < 1e-5
     assert torch.equal(run([(0, 37), (37, total - 37)]), whole)
     assert torch.equal(run([(p, 1) for p in range(total)]), whole)
 
@@ -360,8 +345,8 @@ def test_attention_step_with_bias_and_qk_norms(kernels, dtype, head_dim, window,
     for start, (cached, new), table in zip(batch.starts, shapes, batch.tables):
         positions = torch.arange(cached + new)
         seq_slots = torch.tensor(table)[positions // 16] * 16 + positions % 16
-        expected = reference(q[start:start + new], flat_k[seq_slots].float(), flat_v[seq_slots].float(), scale,
-                             window, softcap)
+        expected = attention_reference(q[start:start + new], flat_k[seq_slots].float(), flat_v[seq_slots].float(),
+                                       AttentionOptions(scale, window, softcap))
         assert relative_error(out[start:start + new].view(new, heads, d), expected) < 1e-5, f"row {start}"
 
 
