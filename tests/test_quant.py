@@ -87,14 +87,20 @@ def test_int8_round_trip_error_is_at_most_half_a_step() -> None:
 
 
 def test_linears_the_native_executor_cannot_take_say_why(tiny_hf_dir: Path) -> None:
-    """Group-wise int8 in groups of 25 (not a multiple of the kernels' 32), scales that are not float16 values,
-    and LLM.int8: the executor names the reason, and a model with such linears runs on the torch model."""
+    """Group-wise int8 in groups of 25 (neither 16 nor a multiple of the kernels' 32), float64 scales, and
+    LLM.int8: the executor names the reason, and a model with such linears runs on the torch model. float32
+    scales that are not float16 values run natively (packed as float32, as the K-quants' are)."""
     kernels = native_kernels()
     if kernels is None:
         pytest.skip("no native kernels here")
     w = torch.randint(-127, 128, (16, 100), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     assert "groups of 25" in native_linear(Int8Linear(w, torch.rand(16, 4).half()), kernels)
-    assert "not float16" in native_linear(Int8Linear(w[:, :64], torch.rand(16, 2) / 3), kernels)
+    assert "float16 or float32 only" in native_linear(Int8Linear(w[:, :64], torch.rand(16, 2, dtype=torch.float64)),
+                                                      kernels)
+    float32_scales = Int8Linear(w[:, :64], torch.rand(16, 2) / 3)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1))
+    exact = x.double() @ float32_scales.dequantize().double().t()
+    assert (native_linear(float32_scales, kernels)(x).double() - exact).norm() <= 1e-4 * exact.norm()
     assert "has no native kernel" in native_linear(LLMInt8Linear.from_float(weights()), kernels)
     llm = LLM(str(tiny_hf_dir), quantization="llm_int8", kv_cache_tokens=1024)
     assert llm.engine.kernels["executor"].startswith("torch (LLMInt8Linear")
@@ -192,7 +198,7 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
     path = make_tiny_llama_gguf(tmp_path / f"tiny-{qtype.name}.gguf", tiny_hf_dir, qtype, tokenizer=False)
     checkpoint = _tiny_gguf_checkpoint(path)
     config = checkpoint.config
-    assert default_quantization(checkpoint) == ("float" if qtype == Q.Q8_0 else "int4")
+    assert default_quantization(checkpoint) == "int4"          # every type here has a native kernel
     model = DecoderForCausalLM(config, backend=None)
     model.load_weights(checkpoint.weights)
     formats = quantize_model(model, "int4", checkpoint)
@@ -208,8 +214,6 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
     head = model.lm_head
     assert isinstance(head, Int8Linear if qtype == Q.Q8_0 else Int4Linear)
     assert np.array_equal(head.dequantize().numpy(), expected("output.weight"))
-    if qtype == Q.Q8_0:
-        return                                        # Q8_0 decoder weights are re-quantized to int4
     for i, layer in enumerate(model.layers):
         b = f"blk.{i}."
         parts = {
@@ -221,7 +225,7 @@ def test_quantized_modules_of_a_gguf_file_equal_its_blocks(tmp_path: Path, tiny_
             layer.mlp.down_proj: [expected(b + "ffn_down.weight")],
         }
         for module, blocks in parts.items():
-            assert isinstance(module, Int4Linear) and module.group_size == 32
+            assert isinstance(module, Int8Linear if qtype == Q.Q8_0 else Int4Linear) and module.group_size == 32
             assert np.array_equal(module.dequantize().numpy(), np.concatenate(blocks))
 
 

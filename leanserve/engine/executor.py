@@ -66,18 +66,23 @@ def _exact_half(t: torch.Tensor) -> bool:
 
 
 def native_linear(module: nn.Module, kernels):
-    """The executor's linear for a model module, or a string saying why the executor cannot take it."""
+    """The executor's linear for a model module, or a string saying why the executor cannot take it.
+    Scales and mins go to the kernel as the values they are (it packs float16 where they all are
+    float16 values, else float32: linear.h)."""
+    if isinstance(module, Int4Linear | Int8Linear):
+        if any(t is not None and t.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+               for t in (module.scales, module.mins)):
+            return f"{module.format} {module}: scales or mins of type {module.scales.dtype} (float16 or float32 only)"
     if isinstance(module, Int4Linear):
-        if not (_exact_half(module.scales) and _exact_half(module.mins)):
-            return f"int4 scales of {module} are not float16 values"
         return kernels.Linear.quantized(*kernels.pack_int4(unpack_int4(module.qweight), module.scales, module.mins),
                                         module.group_size, module.out_features)
     if isinstance(module, Int8Linear):
         group = module.group_size or module.in_features           # per channel: one group of all of K
         scales = module.scales if module.group_size else module.scales[:, None]
-        if group % 32 or not _exact_half(scales):
-            return f"int8 {module}: groups of {group} or scales that are not float16 values"
-        return kernels.Linear.quantized(*kernels.pack_int8(module.weight, scales), group, module.out_features)
+        if not (group == 16 or group % 32 == 0):
+            return f"int8 {module}: groups of {group} (the kernel takes 16 or a multiple of 32)"
+        return kernels.Linear.quantized(*kernels.pack_int8(module.weight, scales, module.mins), group,
+                                        module.out_features)
     if type(module) is nn.Linear and module.weight.dtype == torch.float32:
         return kernels.Linear.dense(module.weight)
     return f"{type(module).__name__} ({getattr(module, 'format', module.weight.dtype)}) has no native kernel"

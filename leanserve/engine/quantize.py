@@ -2,10 +2,10 @@
 
 Modes (EngineConfig.quantization):
   "int8"      int8 weight-only per output channel: decoder linears and the LM head.
-  "int4"      int4 weight-only, group-wise: decoder linears; GGUF Q4_0 / Q4_1 blocks are
-              taken as stored (group 32, no re-rounding), other weights are quantized with
-              `group_size`. The LM head is int8: GGUF Q8_0 blocks as stored (group 32),
-              otherwise per channel.
+  "int4"      GGUF blocks as stored, others int4: decoder linears and the LM head whose GGUF
+              blocks have a native kernel (GGUF_NATIVE: Q4_0, Q4_1, Q4_K as int4; Q5_0, Q5_1,
+              Q5_K, Q6_K, Q8_0 as int8; no re-rounding) keep them; other decoder linears are
+              quantized to int4 with `group_size`, another LM head to int8 per channel.
   "llm_int8"  LLM.int8() W8A8 with float outlier columns: decoder linears (the LM head
               stays float, as in bitsandbytes).
   "float"     no quantization: the float weights (dequantized, for a quantized file).
@@ -13,9 +13,10 @@ Modes (EngineConfig.quantization):
 
 The model is built and loaded in float first (load_weights fuses q/k/v and gate/up);
 `quantize_model` then replaces its nn.Linear modules, building fused modules from the
-parts' GGUF blocks concatenated along N, or from the float weights. `save_quantized`
-writes the swapped modules' buffers to a HuggingFace-like directory that loads back
-without re-quantizing.
+parts' GGUF blocks stacked along N (parts of different types in one format that holds them
+all: `stack_rows`), or from the float weights; the load log names the modules whose GGUF
+types have no native kernel (Q2_K, Q3_K, IQ*, ...). `save_quantized` writes the swapped
+modules' buffers to a HuggingFace-like directory that loads back without re-quantizing.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ from leanserve.engine.engine_config import QUANTIZATION_CHOICES
 from leanserve.engine.loader import Checkpoint, gguf_block_rows, load_checkpoint
 from leanserve.engine.models.decoder import DecoderForCausalLM
 from leanserve.kernels.quant import (
+    GGUF_NATIVE,
     GROUP_SIZES,
     LLM_INT8_THRESHOLD,
     QUANT_LINEARS,
@@ -44,6 +46,7 @@ from leanserve.kernels.quant import (
     Int8Linear,
     LLMInt8Linear,
     QuantLinear,
+    gguf_linear,
 )
 
 log = logging.getLogger("leanserve.engine")
@@ -55,7 +58,7 @@ METADATA_MODE = "leanserve.quantization"      # safetensors metadata of a quanti
 METADATA_MODULES = "leanserve.modules"        # JSON: module name -> format ("int8", "int4", "llm_int8")
 METADATA_THRESHOLD = "leanserve.llm_int8_threshold"
 METADATA_EMBEDDING = "leanserve.embedding_from"   # "lm_head": the tied embedding is the head's dequantized weight
-_GGUF_INT4 = frozenset({Q.Q4_0, Q.Q4_1})
+_GGUF_FLOAT = frozenset({Q.F32, Q.F16, Q.BF16, Q.F64})     # float tensors: no blocks to keep
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
@@ -77,14 +80,14 @@ class QuantizedWeights:
 
 def default_quantization(checkpoint: Checkpoint) -> str:
     """What `quantization=None` loads: a quantized checkpoint as saved; a GGUF file whose decoder
-    linears are all Q4_0 / Q4_1 blocks as int4 from those blocks (about 10x faster decode at batch 1
-    than float32; on the default model perplexity -0.002% from float32's, since the CPU's VNNI
-    kernel keeps the blocks' exact scales); anything else in float32."""
+    linears are all blocks with a native kernel (GGUF_NATIVE) as "int4", which takes them as stored
+    (on the default model, Q4_1: about 10x faster decode at batch 1 than float32, perplexity -0.002%
+    from float32's, since the CPU's kernel keeps the blocks' exact scales); anything else in float32."""
     if checkpoint.quantized is not None:
         return checkpoint.quantized.mode
     types = {t.tensor_type for name, t in checkpoint.gguf_tensors.items()
              if name.startswith("model.layers.") and name.endswith("_proj.weight")}
-    return "int4" if types and types <= _GGUF_INT4 else "float"
+    return "int4" if types and types <= GGUF_NATIVE else "float"
 
 
 def resolve_quantization(requested: str | None, checkpoint: Checkpoint) -> str:
@@ -117,15 +120,21 @@ def _part_names(name: str, checkpoint: Checkpoint | None) -> list[str]:
     return [f"model.{parent}.{part}.weight" for part in _FUSED.get(leaf, (leaf,))]
 
 
-def _gguf_blocks(name: str, checkpoint: Checkpoint | None) -> tuple[np.ndarray, Q] | None:
-    """Module `name`'s GGUF block rows (parts concatenated along N) and their type, if all parts share one."""
+def _gguf_types(name: str, checkpoint: Checkpoint | None) -> list[Q] | None:
+    """The GGUF types of module `name`'s parts, or None where it is not all in the GGUF file."""
     if checkpoint is None or not checkpoint.gguf_tensors:
         return None
     tensors = [checkpoint.gguf_tensors.get(part) for part in _part_names(name, checkpoint)]
-    if any(t is None for t in tensors) or len({t.tensor_type for t in tensors}) != 1:
+    return None if any(t is None for t in tensors) else [t.tensor_type for t in tensors]
+
+
+def _gguf_blocks(name: str, checkpoint: Checkpoint | None) -> list[tuple[np.ndarray, Q]] | None:
+    """Module `name`'s parts as (GGUF block rows, type), where every part is blocks of GGUF_NATIVE."""
+    types = _gguf_types(name, checkpoint)
+    if types is None or not set(types) <= GGUF_NATIVE:
         return None
-    rows = [gguf_block_rows(part, t, checkpoint.config) for part, t in zip(_part_names(name, checkpoint), tensors)]
-    return np.concatenate(rows), tensors[0].tensor_type
+    tensors = {part: checkpoint.gguf_tensors[part] for part in _part_names(name, checkpoint)}
+    return [(gguf_block_rows(part, t, checkpoint.config), t.tensor_type) for part, t in tensors.items()]
 
 
 def _float_weight(name: str, linear: nn.Linear, checkpoint: Checkpoint | None) -> torch.Tensor:
@@ -148,11 +157,9 @@ def _quantized_module(name: str, linear: nn.Linear, mode: str, checkpoint: Check
     if mode == "int8":
         return Int8Linear.from_float(_float_weight(name, linear, checkpoint))
     blocks = _gguf_blocks(name, checkpoint)
-    if blocks is not None and blocks[1] in _GGUF_INT4:
-        return Int4Linear.from_gguf(*blocks, linear.in_features)
+    if blocks is not None:
+        return gguf_linear(blocks, linear.in_features)
     if head:
-        if blocks is not None and blocks[1] == Q.Q8_0:
-            return Int8Linear.from_gguf(*blocks, linear.in_features)
         return Int8Linear.from_float(_float_weight(name, linear, checkpoint))
     if linear.in_features % group_size:
         log.warning("%s: in_features %d is not a multiple of group size %d; kept in float",
@@ -172,10 +179,12 @@ def quantize_model(model: DecoderForCausalLM, mode: str, checkpoint: Checkpoint 
     if group_size not in GROUP_SIZES:
         raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size}")
     formats: dict[str, str] = {}
-    if mode == "float":
-        return formats
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and (name.startswith("layers.") or name == "lm_head")]
+    if mode in ("int4", "float"):             # the modes that would take GGUF blocks as stored
+        _log_gguf_types_without_kernels([name for name, _ in targets], checkpoint, mode)
+    if mode == "float":
+        return formats
     for name, linear in targets:
         quantized = _quantized_module(name, linear, mode, checkpoint, group_size)
         if quantized is None:
@@ -189,6 +198,21 @@ def quantize_model(model: DecoderForCausalLM, mode: str, checkpoint: Checkpoint 
     log.info("quantized %d modules (%s)", len(formats),
              ", ".join(f"{n} {fmt}" for fmt, n in sorted(Counter(formats.values()).items())))
     return formats
+
+
+def _log_gguf_types_without_kernels(names: list[str], checkpoint: Checkpoint | None, mode: str) -> None:
+    """Name the quantized GGUF modules that cannot be taken as stored, for a part of a type without a
+    native kernel (Q2_K, Q3_K, IQ*, ...; or a float part beside blocks), and how they load."""
+    without = {}
+    for name in names:
+        types = _gguf_types(name, checkpoint) or []
+        if types and not set(types) <= GGUF_NATIVE and not set(types) <= _GGUF_FLOAT:
+            without[_hf_module_name(name)] = "+".join(t.name for t in types)
+    if without:
+        how = ("loaded dequantized (float)" if mode == "float"
+               else "quantized from their dequantized weights (int4; the LM head int8)")
+        log.warning("%d modules have GGUF types without a native kernel, %s: %s", len(without), how,
+                    ", ".join(f"{module} {types}" for module, types in without.items()))
 
 
 # ------------------------------------------------------------------------------ offline checkpoints

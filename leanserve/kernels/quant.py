@@ -2,19 +2,28 @@
 
 y = x @ W^T with W [N, K] (N output channels, K input features) stored as
 
-Int8Linear     int8 weight-only, symmetric. `weight` int8 [N, K], `scales` [N]
-               (per output channel) or [N, K // G] (group-wise, as GGUF Q8_0):
-               W[n, k] = weight[n, k] * scale.
+Int8Linear     int8 weights, per output channel or group-wise along K. `weight` int8 [N, K],
+               `scales` [N] (per output channel) or [N, K // G], `mins` [N, K // G] or None:
+               W[n, k] = weight[n, k] * scale (+ min). GGUF blocks of 5 to 8 bits as stored:
+               Q8_0 (d * w), Q5_0 (d * (q - 16): weight q - 16), Q5_1 (d * q + m), Q5_K
+               (d * sc * q - dmin * m per sub-block of 32), Q6_K (d * sc * (q - 32): weight
+               q - 32, G = 16).
 Int4Linear     int4 weight-only, group-wise along K (G = 32, 64 or 128).
                `qweight` uint8 [N, K // 2], two values 0..15 a byte, low nibble
                first (the Triton kernel's layout); `scales`, `mins` [N, K // G]:
                W[n, k] = q * scale + min  ==  (q - 8) * scale + zero, zero = min + 8 * scale.
                GGUF Q4_1 (d * q + m) is scale = d, min = m; Q4_0 (d * (q - 8)) is
-               min = -8 * d: both stored as float16, exactly as in the file.
+               min = -8 * d: both stored as float16, exactly as in the file. Q4_K (d * sc * q -
+               dmin * m per sub-block of 32) is G = 32 with float32 scales and mins.
 LLMInt8Linear  LLM.int8(): int8 weight per output channel ("column-wise" of W^T),
                activations quantized row-wise to int8 at run time, int32
                accumulation (`torch._int_mm`); feature columns where any |x| >= 6
                go through a float matmul instead.
+
+GGUF's K-quant sub-block scales d * sc and mins dmin * m (float16 times a 6-bit integer, up to
+17 bits) are not float16 values but are float32 ones: those modules keep float32 scales and mins,
+the others the file's float16. `gguf_linear` builds the module of a GGUF tensor, or of a fused
+one (q/k/v, gate/up) from its parts' blocks, whose types may differ (`stack_rows`).
 
 The buffers above are the stored format: `dequantize()` turns them into the exact
 float32 weights and `state_dict()` saves them. On the CPU the native executor
@@ -26,6 +35,7 @@ the Triton dequantizing matmuls on CUDA: `use_triton_kernels`), computes y.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, ClassVar
 
 import gguf
@@ -83,11 +93,11 @@ class QuantLinear(nn.Module):
 
 
 class Int8Linear(QuantLinear):
-    """int8 weight-only, symmetric, per output channel (or group-wise along K, as GGUF Q8_0)."""
+    """int8 weights, per output channel (symmetric) or group-wise along K with optional mins (GGUF blocks)."""
 
     format = "int8"
 
-    def __init__(self, weight: torch.Tensor, scales: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None) -> None:
         out_features, in_features = weight.shape
         super().__init__(out_features, in_features)
         if weight.dtype != torch.int8:
@@ -96,14 +106,19 @@ class Int8Linear(QuantLinear):
             self.group_size = None
             if scales.shape != (out_features,):
                 raise ValueError(f"per-channel scales must be [{out_features}], got {list(scales.shape)}")
+            if mins is not None:
+                raise ValueError("mins need group-wise scales")
         else:
             groups = scales.shape[1]
             if scales.shape[0] != out_features or groups == 0 or in_features % groups:
                 raise ValueError(f"group scales {list(scales.shape)} do not fit "
                                  f"a [{out_features}, {in_features}] weight")
+            if mins is not None and mins.shape != scales.shape:
+                raise ValueError(f"mins {list(mins.shape)} do not match scales {list(scales.shape)}")
             self.group_size = in_features // groups
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("scales", scales.contiguous())
+        self.register_buffer("mins", None if mins is None else mins.contiguous())   # None: not in state_dict
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int | None = None,
@@ -121,22 +136,117 @@ class Int8Linear(QuantLinear):
 
     @classmethod
     def from_gguf(cls, rows: np.ndarray, qtype: Q, in_features: int) -> Int8Linear:
-        """GGUF Q8_0 block rows (uint8 [N, K / 32 * 34]: float16 d, then 32 int8) -> group 32, exact."""
-        if qtype != Q.Q8_0:
-            raise ValueError(f"Int8Linear takes Q8_0 blocks, got {qtype.name}")
-        blocks = np.ascontiguousarray(rows).reshape(rows.shape[0], in_features // 32, 34)
-        d = torch.from_numpy(blocks[..., :2].copy().view(np.float16)[..., 0])
-        q = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows.shape[0], in_features)
-        return cls(q, d)
+        """GGUF block rows (uint8 [N, bytes a row]) of Q8_0, Q5_0, Q5_1, Q5_K or Q6_K, exactly as
+        gguf.quants.dequantize reads them (the layouts are in the decoders below)."""
+        decode = _INT8_DECODERS.get(qtype)
+        if decode is None:
+            raise ValueError(f"Int8Linear takes {', '.join(t.name for t in _INT8_DECODERS)} blocks, got {qtype.name}")
+        n = rows.shape[0]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = np.ascontiguousarray(rows).reshape(n, in_features // block, size)
+        weight, scales, mins = decode(blocks)
+        return cls(_tensor(weight.reshape(n, in_features)), _tensor(scales.reshape(n, -1)),
+                   None if mins is None else _tensor(mins.reshape(n, -1)))
+
+    def _per_weight(self, t: torch.Tensor) -> torch.Tensor:
+        return t[:, None] if self.group_size is None else t.repeat_interleave(self.group_size, dim=1)
 
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
-        scales = self.scales[rows].float()
-        scales = scales[:, None] if self.group_size is None else scales.repeat_interleave(self.group_size, dim=1)
-        return self.weight[rows].float() * scales
+        w = self.weight[rows].float() * self._per_weight(self.scales[rows].float())
+        return w if self.mins is None else w + self._per_weight(self.mins[rows].float())
 
     def extra_repr(self) -> str:
         scales = "per channel" if self.group_size is None else f"group_size={self.group_size}"
-        return f"{super().extra_repr()}, {scales}"
+        return f"{super().extra_repr()}, {scales}{', with mins' if self.mins is not None else ''}"
+
+
+# -------------------------------------------------------------------------------- GGUF blocks
+# Each decoder takes uint8 blocks [N, blocks, bytes a block] and mirrors gguf-py's dequantize_blocks
+# (gguf/quants.py): the same float32 products, so that the modules' dequantize() is its result.
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """A tensor of its own memory (block rows may be read-only views of the memory-mapped file)."""
+    return torch.from_numpy(np.array(a))
+
+
+def _f16(field: np.ndarray) -> np.ndarray:
+    """2-byte float16 fields [..., 2] -> float16 [...]."""
+    return np.ascontiguousarray(field).view(np.float16)[..., 0]
+
+
+def _nibbles(qs: np.ndarray) -> np.ndarray:
+    """[..., chunks, C] bytes -> [..., chunks, 2, C]: each chunk's low nibbles, then its high nibbles."""
+    return np.stack([qs & 0x0F, qs >> 4], axis=-2)
+
+
+def _bits(qh: np.ndarray, count: int, width: int = 1) -> np.ndarray:
+    """[..., C] bytes -> [..., count, C]: field i is bits width*i.. of each byte."""
+    shifts = (np.arange(count, dtype=np.uint8) * width)[:, None]
+    return (qh[..., None, :] >> shifts) & ((1 << width) - 1)
+
+
+def _k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K's 12 bytes [..., 12] -> 6-bit sub-block scales and mins [..., 8]: bytes 0-3 hold
+    scales 0-3 and bytes 4-7 mins 0-3 in their low 6 bits; scales and mins 4-7 are bytes 8-11's low
+    and high nibbles, with 2 more bits each from the top of bytes 0-3 (scales) and 4-7 (mins)."""
+    d, m, low = packed[..., 0:4], packed[..., 4:8], packed[..., 8:12]
+    scales = np.concatenate([d & 0x3F, (low & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
+    mins = np.concatenate([m & 0x3F, (low >> 4) | ((m >> 2) & 0x30)], axis=-1)
+    return scales, mins
+
+
+def _k_scale_products(blocks: np.ndarray, packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q4_K / Q5_K: float32 d * sc and -(dmin * m) [N, blocks, 8] (exact: 17 bits)."""
+    sc, m = _k_scales_mins(packed)
+    d, dmin = _f16(blocks[..., 0:2]).astype(np.float32), _f16(blocks[..., 2:4]).astype(np.float32)
+    return d[..., None] * sc.astype(np.float32), -(dmin[..., None] * m.astype(np.float32))
+
+
+def _q8_0(blocks):          # d f16, 32 int8
+    return blocks[..., 2:].view(np.int8), _f16(blocks[..., 0:2]), None
+
+
+def _q5_low_high(qh: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Q5_0 / Q5_1: element j's low 4 bits in qs (j < 16: byte j's low nibble, else byte j - 16's high
+    one), its fifth in bit j of the little-endian uint32 qh."""
+    low = _nibbles(qs).reshape(*qs.shape[:-1], 32)
+    high = np.unpackbits(qh, axis=-1, bitorder="little")
+    return low | (high << 4)
+
+
+def _q5_0(blocks):          # d f16, qh 4, qs 16: d * (q - 16)
+    q = _q5_low_high(blocks[..., 2:6], blocks[..., 6:22])
+    return (q.astype(np.int8) - np.int8(16)), _f16(blocks[..., 0:2]), None
+
+
+def _q5_1(blocks):          # d f16, m f16, qh 4, qs 16: d * q + m
+    q = _q5_low_high(blocks[..., 4:8], blocks[..., 8:24])
+    return q.astype(np.int8), _f16(blocks[..., 0:2]), _f16(blocks[..., 2:4])
+
+
+def _q5_k(blocks):
+    """d f16, dmin f16, scales 12, qh 32, qs 128: sub-block s (of 8, 32 each) is qs[32 (s // 2) + i]'s
+    low (s even) or high nibble, plus bit s of qh[i] as its fifth bit."""
+    scales, mins = _k_scale_products(blocks, blocks[..., 4:16])
+    low = _nibbles(blocks[..., 48:176].reshape(*blocks.shape[:-1], 4, 32)).reshape(*blocks.shape[:-1], 8, 32)
+    q = low | (_bits(blocks[..., 16:48], 8) << 4)
+    return q.astype(np.int8), scales, mins
+
+
+def _q6_k(blocks):
+    """ql 128, qh 64, scales 16 int8, d f16: each half of 128 holds 4 runs of 32, run r = the low
+    (r < 2) or high nibbles of ql[64 half + 32 (r % 2) + i], plus bits 2r, 2r + 1 of qh[32 half + i]
+    on top; d * sc * (q - 32) per sub-block of 16."""
+    lead = blocks.shape[:-1]
+    ql = _nibbles(blocks[..., 0:128].reshape(*lead, 2, 64)).reshape(*lead, 8, 32)
+    qh = _bits(blocks[..., 128:192].reshape(*lead, 2, 32), 4, width=2).reshape(*lead, 8, 32)
+    q = (ql | (qh << 4)).astype(np.int8) - np.int8(32)
+    sc = blocks[..., 192:208].view(np.int8).astype(np.float32)
+    return q, _f16(blocks[..., 208:210]).astype(np.float32)[..., None] * sc, None
+
+
+_INT8_DECODERS = {Q.Q8_0: _q8_0, Q.Q5_0: _q5_0, Q.Q5_1: _q5_1, Q.Q5_K: _q5_k, Q.Q6_K: _q6_k}
 
 
 # ------------------------------------------------------------------------------------------ int4
@@ -187,24 +297,30 @@ class Int4Linear(QuantLinear):
 
     @classmethod
     def from_gguf(cls, rows: np.ndarray, qtype: Q, in_features: int) -> Int4Linear:
-        """GGUF Q4_0 / Q4_1 block rows (uint8 [N, bytes]) -> group 32, the file's float16 d and m kept as stored.
+        """GGUF Q4_0 / Q4_1 / Q4_K block rows (uint8 [N, bytes]) -> group 32, the file's values kept as stored.
 
-        A block holds float16 d (and m for Q4_1), then 16 bytes: element j in the low
-        nibble of byte j, element j + 16 in its high nibble."""
-        header = {Q.Q4_0: 2, Q.Q4_1: 4}.get(qtype)
-        if header is None:
-            raise ValueError(f"Int4Linear takes Q4_0 or Q4_1 blocks, got {qtype.name}")
+        A Q4_0 / Q4_1 block holds float16 d (and m for Q4_1), then 16 bytes: element j in the low
+        nibble of byte j, element j + 16 in its high nibble. A Q4_K super-block of 256 holds float16
+        d and dmin, 12 bytes of 6-bit sub-block scales and mins, then 128 bytes: sub-block s (of 8, 32
+        each) in the low (s even) or high nibbles of bytes 32 (s // 2) ..; scale d * sc, min -dmin * m."""
+        if qtype not in (Q.Q4_0, Q.Q4_1, Q.Q4_K):
+            raise ValueError(f"Int4Linear takes Q4_0, Q4_1 or Q4_K blocks, got {qtype.name}")
         n = rows.shape[0]
-        blocks = np.ascontiguousarray(rows).reshape(n, in_features // 32, header + 16)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0]
-        if qtype == Q.Q4_1:
-            m = blocks[..., 2:4].copy().view(np.float16)[..., 0]
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+        blocks = np.ascontiguousarray(rows).reshape(n, in_features // block, size)
+        if qtype == Q.Q4_K:
+            d, m = _k_scale_products(blocks, blocks[..., 4:16])
+            q = _nibbles(blocks[..., 16:].reshape(n, -1, 4, 32))
         else:
-            with np.errstate(over="raise"):
-                m = d * np.float16(-8)       # exact: a power-of-two multiple (raises if it overflows)
-        qs = torch.from_numpy(blocks[..., header:].copy())
-        q = torch.cat([qs & 0xF, qs >> 4], dim=-1).reshape(n, in_features)
-        return cls(pack_int4(q), torch.from_numpy(d), torch.from_numpy(m))
+            header = 2 if qtype == Q.Q4_0 else 4
+            d = _f16(blocks[..., 0:2])
+            if qtype == Q.Q4_1:
+                m = _f16(blocks[..., 2:4])
+            else:
+                with np.errstate(over="raise"):
+                    m = d * np.float16(-8)       # exact: a power-of-two multiple (raises if it overflows)
+            q = _nibbles(blocks[..., header:])
+        return cls(pack_int4(_tensor(q.reshape(n, in_features))), _tensor(d.reshape(n, -1)), _tensor(m.reshape(n, -1)))
 
     def dequantize(self, rows: torch.Tensor | slice = slice(None)) -> torch.Tensor:
         g = self.group_size
@@ -283,6 +399,50 @@ def use_triton_kernels() -> None:
         return int8_matmul(x, module.weight, module.scales)
 
     Int4Linear.gpu_kernel, Int8Linear.gpu_kernel = int4, int8
+
+
+# ------------------------------------------------------------------------------ GGUF modules
+
+GGUF_INT4 = frozenset({Q.Q4_0, Q.Q4_1, Q.Q4_K})
+GGUF_INT8 = frozenset(_INT8_DECODERS)
+GGUF_NATIVE = GGUF_INT4 | GGUF_INT8           # the types `gguf_linear` takes as stored
+
+
+def gguf_linear(parts: list[tuple[np.ndarray, Q]], in_features: int) -> QuantLinear:
+    """The module of GGUF block rows, or of several tensors' rows stacked along N (a fused q/k/v or
+    gate/up), each (rows, type) of GGUF_NATIVE."""
+    return stack_rows([(Int4Linear if qtype in GGUF_INT4 else Int8Linear).from_gguf(rows, qtype, in_features)
+                       for rows, qtype in parts])
+
+
+def stack_rows(modules: list[QuantLinear]) -> QuantLinear:
+    """Group-wise int4 / int8 modules over the same input stacked along N, in one format that holds
+    every part exactly: int4 where all parts are int4 of one group size, else int8 (int4's q as
+    weights, with their mins) in the smallest group size (a group's scale and min repeated over its
+    sub-groups: the same products); float32 scales and mins where any part has them (float16 values
+    are float32 ones)."""
+    if len(modules) == 1:
+        return modules[0]
+    if not all(isinstance(m, Int4Linear | Int8Linear) and m.group_size is not None for m in modules) \
+            or len({m.in_features for m in modules}) != 1:
+        raise ValueError(f"cannot stack {[repr(m) for m in modules]}: group-wise int4 / int8 modules of one K only")
+    dtype = functools.reduce(torch.promote_types, [t.dtype for m in modules for t in (m.scales, m.mins)
+                                                   if t is not None])
+    if all(isinstance(m, Int4Linear) for m in modules) and len({m.group_size for m in modules}) == 1:
+        return Int4Linear(torch.cat([m.qweight for m in modules]), torch.cat([m.scales.to(dtype) for m in modules]),
+                          torch.cat([m.mins.to(dtype) for m in modules]))
+    group = min(m.group_size for m in modules)
+    if any(m.group_size % group for m in modules):
+        raise ValueError(f"cannot stack group sizes {[m.group_size for m in modules]}")
+    weights, scales, mins = [], [], []
+    for m in modules:
+        repeat = m.group_size // group
+        weights.append(unpack_int4(m.qweight).view(torch.int8) if isinstance(m, Int4Linear) else m.weight)
+        scales.append(m.scales.to(dtype).repeat_interleave(repeat, dim=1))
+        mins.append(torch.zeros_like(scales[-1]) if m.mins is None
+                    else m.mins.to(dtype).repeat_interleave(repeat, dim=1))
+    with_mins = any(m.mins is not None for m in modules)
+    return Int8Linear(torch.cat(weights), torch.cat(scales), torch.cat(mins) if with_mins else None)
 
 
 QUANT_LINEARS: dict[str, type[QuantLinear]] = {cls.format: cls for cls in (Int8Linear, Int4Linear, LLMInt8Linear)}

@@ -112,8 +112,11 @@ at::Tensor checked_quant_linear(const at::Tensor& x, const at::Tensor& packed, c
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("ISA") = simd::kLevel;
   m.attr("LANES") = simd::kLanes;
-  m.def("pack_int4", &pack_int4, "q uint8 [N, K] (0..15), scales, mins [N, K / G] -> (packed, scales_mins)");
-  m.def("pack_int8", &pack_int8, "w int8 [N, K], scales [N, K / G] -> (packed, scales_mins)");
+  m.def("pack_int4", &pack_int4, "q uint8 [N, K] (0..15), scales, mins [N, K / G] -> (packed, scales_mins)",
+        py::arg("q"), py::arg("scales"), py::arg("mins"));
+  m.def("pack_int8", &pack_int8,
+        "w int8 [N, K], scales [N, K / G], mins [N, K / G] or None (0) -> (packed, scales_mins)", py::arg("w"),
+        py::arg("scales"), py::arg("mins") = py::none());
   m.def("quant_linear", &checked_quant_linear, "x [M, K] float32 times a packed weight -> [M, N]");
   m.def("rms_norm", &leanserve::rms_norm);
   m.def("add_rms_norm", [](at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
@@ -143,8 +146,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("window"))
       .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); });
   py::class_<Linear>(m, "Linear", py::module_local())
-      .def_static("quantized", &Linear::quantized, py::arg("packed"), py::arg("scales_mins"), py::arg("group"),
-                  py::arg("out_features"))
+      .def_static("quantized",   // float16 or float32 scales_mins (linear.h), checked here
+                  [](at::Tensor packed, at::Tensor scales_mins, int64_t group, int64_t out_features) {
+                    check_packed(packed, scales_mins, group, out_features);
+                    return Linear{packed, scales_mins, at::Tensor(), group, out_features};
+                  },
+                  py::arg("packed"), py::arg("scales_mins"), py::arg("group"), py::arg("out_features"))
       .def_static("dense", &Linear::from_dense, py::arg("weight"))
       .def("__call__", &Linear::operator(), py::call_guard<py::gil_scoped_release>());
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())

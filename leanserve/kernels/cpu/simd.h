@@ -9,10 +9,11 @@
 //   Ints   kLanes int32 lanes      integer dot products (dot_int4, dot_int8)
 //   Bytes  4 kLanes bytes          4 bytes per int32 lane: the weights the dots multiply
 //
-// dot_int4<N>(q, x, out) gives each int32 lane (an output row) of out[n] the dot product of its 32
-// weights of a block, 4 in each of the 8 byte vectors q (unsigned, 0..15), with the 32 signed
-// activation bytes at x[n], for N activation vectors at once (N independent chains hide the
-// instructions' latency); dot_int8 does the same for int8 weights stored as w + kInt8Offset. Each
+// dot_int4<N, V>(q, x, out) gives each int32 lane (an output row) of out[n] the dot product of its
+// 4 V weights, 4 in each of the V byte vectors q (unsigned, 0..15; V = 8: a block of 32, V = 4: half
+// of one), with the 4 V signed activation bytes at x[n], for N activation vectors at once (N
+// independent chains hide the instructions' latency); dot_int8 does the same for int8 weights
+// (stored as w + kInt8Offset where w may be negative: linear.h). Each
 // level supplies the integer primitives: vpdpbusd (unsigned times signed bytes, 4 a lane, into
 // int32) where it has VNNI, and in portable C++; otherwise pmaddubsw and pmaddwd, where the int8
 // weights stay signed and are multiplied as |w| times x with w's signs, which cannot saturate.
@@ -322,27 +323,28 @@ Bytes4 sign8(Bytes4, Bytes);
 
 // The block dot products (see the top): vpdpbusd chains where the level has it; otherwise pmaddubsw,
 // int4 products summed in 16 bits before widening, int8 as |w| times x with w's signs.
-template <int N>
+template <int N, int V = 8>
 inline void dot_int4(const Bytes* q, const int8_t* const* x, Ints* out) {
+  static_assert(V >= 1 && V <= 8, "a block has 8 byte vectors");
   if constexpr (kVnni) {
     for (int n = 0; n < N; ++n) out[n] = Ints{};
-    for (int v = 0; v < 8; ++v)
+    for (int v = 0; v < V; ++v)
       for (int n = 0; n < N; ++n) out[n] = dpbusd(out[n], q[v], broadcast4(x[n] + 4 * v));
   } else {                                    // |sums| <= 8 * 2 * 15 * 127 < 2^15
     Ints sums[N];
     for (int n = 0; n < N; ++n) sums[n] = maddubs(q[0], broadcast4(x[n]));
-    for (int v = 1; v < 8; ++v)
+    for (int v = 1; v < V; ++v)
       for (int n = 0; n < N; ++n) sums[n] = add16(sums[n], maddubs(q[v], broadcast4(x[n] + 4 * v)));
     for (int n = 0; n < N; ++n) out[n] = madd_ones(sums[n]);
   }
 }
-template <int N>
+template <int N, int V = 8>
 inline void dot_int8(const Bytes* q, const int8_t* const* x, Ints* out) {
   if constexpr (kVnni) {
-    dot_int4<N>(q, x, out);                   // the same vpdpbusd on w + 128
+    dot_int4<N, V>(q, x, out);                // the same vpdpbusd on unsigned weight bytes
   } else {
     for (int n = 0; n < N; ++n) out[n] = Ints{};
-    for (int v = 0; v < 8; ++v) {
+    for (int v = 0; v < V; ++v) {
       const Bytes w = abs8(q[v]);
       for (int n = 0; n < N; ++n) out[n] = add32(out[n], madd_ones(maddubs(w, sign8(broadcast4(x[n] + 4 * v), q[v]))));
     }
