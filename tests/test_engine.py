@@ -1,10 +1,12 @@
-"""The engine on a tiny random Llama: parity with transformers, batching invariance, stop rules, n, seeds."""
+"""The engine on a tiny random Llama: parity with transformers, batching invariance, stop rules, n, seeds;
+the native executor against the torch model on every family."""
 import pytest
 import torch
 
 from leanserve import LLM, SamplingParams
 from leanserve.engine.engine_config import EngineConfig
 from tests.conftest import LEVELS
+from tests.tiny_models import FAMILY_CONFIGS, make_tiny_family_hf
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 
@@ -346,3 +348,52 @@ def test_reports_carry_deltas_that_add_up_to_the_final_output(tiny_llm):
     for o in reports[-1].outputs:
         assert o.text == texts[o.index] and o.token_ids == tokens[o.index] and o.logprobs == logprobs[o.index]
         assert len(o.token_ids) == len(o.logprobs) > 0
+
+
+# ---- every family on the native executor, against the torch model on the same weights ----
+
+FAMILY_OPTIONS = dict(dtype="float32", quantization="float", kv_cache_dtype="float32", kv_cache_tokens=4096)
+FAMILY_PARAMS = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=4)
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CONFIGS))
+def family_reference(request, tmp_path_factory, default_gguf_path):
+    """A tiny random model of each family (tests/tiny_models.py: windows of 6 or 7, soft-caps that change
+    results, q/k norms, biases, Gemma's four norms and GeGLU, head_dim unlike hidden / heads, LongRoPE)
+    on the torch model: its first step's logits and greedy runs on prompts of 1 to 90 tokens, which
+    prefill and decode within the windows and far past them."""
+    pytest.importorskip("transformers")
+    directory = make_tiny_family_hf(tmp_path_factory.mktemp(request.param), request.param)
+    prompts = random_prompts(5, seed=5, max_len=90)
+    llm = LLM(str(directory), **FAMILY_OPTIONS, attention_backend="torch")
+    return directory, prompts, first_step_logits(llm, prompts), llm.generate(prompts, FAMILY_PARAMS, use_tqdm=False)
+
+
+def first_step_logits(llm, prompts) -> torch.Tensor:
+    engine = llm.engine
+    for i, ids in enumerate(prompts):
+        engine.add_request(f"first-{i}", ids, SamplingParams(max_tokens=1))
+    logits = engine.runner.execute(engine.scheduler.schedule())
+    for i in range(len(prompts)):
+        engine.abort_request(f"first-{i}")
+    return logits
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["lean-decode", "batch-invariant"])
+def test_native_executor_runs_every_family_as_the_torch_model(family_reference, deterministic):
+    """The native executor from the same layer description: the first step's logits close, then greedy
+    tokens equal and log-probs close, with prompts chunked into 32-token steps beside decodes (each
+    chunk's window reaching back into the cache), through lean decode or, batch-invariant, all of it
+    through the prefill kernel."""
+    directory, prompts, logits, expected = family_reference
+    llm = LLM(str(directory), **FAMILY_OPTIONS, deterministic=deterministic)
+    assert llm.engine.kernels["executor"].startswith("native"), llm.engine.kernels["executor"]
+    ours = first_step_logits(llm, prompts)
+    assert ((ours - logits).abs().max() / logits.abs().max()).item() < 1e-5
+    chunked = LLM(str(directory), **FAMILY_OPTIONS, deterministic=deterministic, max_num_batched_tokens=32)
+    got = chunked.generate(prompts, FAMILY_PARAMS, use_tqdm=False)
+    assert token_ids(got) == token_ids(expected)
+    for mine, reference in zip(got, expected):
+        for step, (a, b) in enumerate(zip(mine.outputs[0].logprobs, reference.outputs[0].logprobs)):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4), f"step {step}"
+            assert dict(a.top) == pytest.approx(dict(b.top), abs=1e-4), f"step {step}"

@@ -8,8 +8,9 @@ import math
 import pytest
 import torch
 
+from leanserve.kernels.attention import AttentionOptions
+from tests.attention_cases import attention_reference, relative_error
 from tests.conftest import LEVELS
-from tests.test_attention import attention_reference
 
 QUANT_FORMATS = [("int4", 32), ("int4", 64), ("int4", 128), ("int8", 32), ("int8", 64), ("int8", 256)]
 
@@ -46,9 +47,10 @@ class PagedBatch:
                 self.k_cache[table[p // self.block_size], p % self.block_size] = k[p]
                 self.v_cache[table[p // self.block_size], p % self.block_size] = v[p]
 
-    def plan(self, kernels, heads, tile=128):
+    def plan(self, kernels, heads, tile=128, batch_invariant=False, windows=(0,)):
         return kernels.StepPlan(self.starts, [n for _, n in self.shapes], [c + n for c, n in self.shapes], self.tables,
-                                torch.tensor(self.slots), self.block_size, heads, self.k_cache.shape[2], tile)
+                                torch.tensor(self.slots), self.block_size, heads, self.k_cache.shape[2], tile,
+                                batch_invariant, list(windows))
 
     def rounded(self, t):
         """What the cache holds of t."""
@@ -123,6 +125,20 @@ def test_norms_and_silu_match_float64(kernels):
     gate, up = gate_up.double().chunk(2, dim=-1)
     torch.testing.assert_close(kernels.silu_mul(gate_up).double(), torch.nn.functional.silu(gate) * up,
                                rtol=1e-6, atol=1e-6)
+
+
+def test_gelu_tanh_mul_matches_float64(kernels):
+    """HF's gelu_pytorch_tanh times up: rows of 37 (vector tails), saturating inputs either side, and the
+    negative inputs where 0.5 x (1 + tanh(u)) cancels (relative accuracy kept there too)."""
+    g = torch.Generator().manual_seed(1)
+    gate_up = torch.randn(6, 2 * 37, generator=g) * 4
+    gate_up[0, :8] = torch.tensor([100.0, -100.0, 0.0, -0.0, -6.0, -9.0, 1e-4, -1e-4])
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    got = kernels.gelu_tanh_mul(gate_up).double()
+    torch.testing.assert_close(got, torch.nn.functional.gelu(gate, approximate="tanh") * up, rtol=1e-5, atol=1e-7)
+    # 0.5 x (1 + tanh(u)) = x sigmoid(2u): float64's own 1 + tanh(u) cancels to 0 near x = -9.
+    exact = gate * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)) * up
+    assert ((got - exact).abs() <= 1e-5 * exact.abs() + 1e-36).all()
 
 
 # ------------------------------------------------------------------------------------ attention
@@ -204,6 +220,136 @@ def test_attention_step_equals_rotary_cache_write_and_attention(kernels, dtype):
         assert (got - expected).abs().max() / expected.abs().max() < 1e-5, f"sequence at row {start}"
 
 
+# Windows shorter than the prompts and contexts, one inside a key block and one that straddles them;
+# soft-cap 2.0 on scores that are often larger, so that it changes the result.
+WINDOW_OPTIONS = [(5, None), (5, 2.0), (33, 2.0), (None, 2.0)]
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_OPTIONS, ids=[f"w{w}-cap{c}" for w, c in WINDOW_OPTIONS])
+@pytest.mark.parametrize("group,head_dim,tile", [(3, 64, 64), (2, 256, 128), (4, 128, 2)])
+def test_lean_decode_with_window_and_softcap(kernels, window, softcap, group, head_dim, tile):
+    """Contexts around the window (shorter, equal, one past) and far past it (100, 250); tiles of 2
+    split a window into several; head_dim 256 (Gemma's). Scores scaled up so that the cap bites."""
+    contexts = [1, 4, 5, 6, 100, 37, 250, 33, 34]
+    batch = PagedBatch([(c - 1, 1) for c in contexts], 16, 2, head_dim, torch.float32, seed=group + head_dim)
+    batch.write()
+    q = torch.randn(len(contexts), 2 * group, head_dim, generator=batch.generator) * 2
+    width = max(len(t) for t in batch.tables)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t in batch.tables])
+    scale = head_dim ** -0.5
+    options = AttentionOptions(scale, window, softcap)
+    out = kernels.lean_attention_decode(q, batch.k_cache, batch.v_cache, tables, torch.tensor(contexts), tile, scale,
+                                        softcap=softcap, window=window)
+    for b, (k, v) in enumerate(zip(batch.keys, batch.values)):
+        expected = attention_reference(q[b:b + 1], k, v, options)[0]
+        assert relative_error(out[b], expected) < 1e-5, f"context {contexts[b]}"
+        if contexts[b] > (window or 1):     # the options change this row's attention
+            plain = attention_reference(q[b:b + 1], k, v, AttentionOptions(scale))[0]
+            assert relative_error(out[b], plain) > 1e-2, f"context {contexts[b]}"
+
+
+@pytest.mark.parametrize("window,softcap", WINDOW_OPTIONS, ids=[f"w{w}-cap{c}" for w, c in WINDOW_OPTIONS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("num_kv,group,head_dim", [(2, 3, 64), (1, 8, 128), (2, 2, 256)])
+def test_prefill_attention_with_window_and_softcap(kernels, window, softcap, dtype, num_kv, group, head_dim):
+    """40-token prompts, chunks after cached prefixes of 60 and 100 tokens, prompts shorter than the
+    window, a decode row of 130: several items a segment, whose rows' windows start in different key blocks."""
+    shapes = [(0, 40), (60, 40), (100, 3), (0, 4), (2, 2), (129, 1)]
+    batch = PagedBatch(shapes, 16, num_kv, head_dim, dtype, seed=group + head_dim)
+    batch.write()
+    heads = num_kv * group
+    q = torch.randn(len(batch.slots), heads, head_dim, generator=batch.generator) * 2
+    out = torch.zeros_like(q)
+    scale = head_dim ** -0.5
+    options = AttentionOptions(scale, window, softcap)
+    plan = batch.plan(kernels, heads, batch_invariant=True, windows=[window or 0])    # the decode row too
+    kernels.prefill_attention(q, batch.k_cache, batch.v_cache, plan, scale, out, softcap=softcap, window=window)
+    for start, (cached, new), k, v in zip(batch.starts, shapes, batch.keys, batch.values):
+        rows = slice(start, start + new)
+        expected = attention_reference(q[rows], batch.rounded(k), batch.rounded(v), options)
+        assert relative_error(out[rows], expected) < 1e-5, f"segment at row {start}"
+        if cached + new > (window or 1):
+            plain = attention_reference(q[rows], batch.rounded(k), batch.rounded(v), AttentionOptions(scale))
+            assert relative_error(out[rows], plain) > 1e-2, f"segment at row {start}"
+
+
+@pytest.mark.parametrize("window,softcap", [(5, 2.0), (33, None), (None, 2.0)], ids=["w5-cap2", "w33", "cap2"])
+def test_windowed_prefill_is_batch_invariant(kernels, window, softcap):
+    """One sequence's 80 tokens, with 3 query heads a KV head, prefilled whole, in two chunks, and
+    token by token through a batch-invariant plan, each time beside another prompt: every token's
+    output the same bits each way, though its rows sit in other items that start at other key blocks."""
+    heads, num_kv, d, total = 6, 2, 64, 80
+    batch = PagedBatch([(0, total), (0, 23)], 16, num_kv, d, torch.float32, seed=7)
+    batch.write()
+    table, other = batch.tables
+    q = torch.randn(total, heads, d, generator=batch.generator)
+    q_other = torch.randn(23, heads, d, generator=batch.generator)
+
+    def run(pieces):
+        """pieces: (cached, new) chunks of the sequence, in one step beside the other prompt."""
+        starts, lens, contexts, tables, queries = [], [], [], [], []
+        for cached, new in [*pieces, (0, 23)]:
+            starts.append(sum(lens))
+            lens.append(new)
+            contexts.append(cached + new)
+            queries.append(q[cached:cached + new] if len(tables) < len(pieces) else q_other)
+            tables.append(table if len(tables) < len(pieces) else other)
+        slots = torch.zeros(sum(lens), dtype=torch.long)              # unused: the cache holds every key
+        plan = kernels.StepPlan(starts, lens, contexts, tables, slots, 16, heads, num_kv, 128, True, [window or 0])
+        out = torch.zeros(sum(lens), heads, d)
+        kernels.prefill_attention(torch.cat(queries), batch.k_cache, batch.v_cache, plan, d ** -0.5, out,
+                                  softcap=softcap, window=window)
+        return out[:sum(lens[:-1])]
+
+    whole = run([(0, total)])
+    options = AttentionOptions(d ** -0.5, window, softcap)
+    assert relative_error(whole, attention_reference(q, batch.keys[0], batch.values[0], options)) < 1e-5
+    assert torch.equal(run([(0, 37), (37, total - 37)]), whole)
+    assert torch.equal(run([(p, 1) for p in range(total)]), whole)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim,window,softcap", [(32, None, None), (32, 5, 2.0), (256, 5, None), (80, 7, 2.0)])
+def test_attention_step_with_bias_and_qk_norms(kernels, dtype, head_dim, window, softcap):
+    """The fused step as Qwen2 (biases), Qwen3 and Gemma (per-head RMSNorm of q and k before the
+    rotation) have it, with a window and soft-cap, on decodes of 100-token contexts and 40-token
+    prompts: the cache holds the rounding of torch's keys, each row's attention is float64's over them."""
+    from leanserve.engine.models.decoder import rotate
+
+    heads, kv_heads, d, eps = 4, 2, head_dim, 1e-6
+    shapes = [(0, 1), (99, 1), (0, 40), (129, 1), (20, 13)]
+    batch = PagedBatch(shapes, 16, kv_heads, d, dtype, seed=head_dim)
+    batch.write("cached")
+    g = batch.generator
+    rows, width = len(batch.slots), (heads + 2 * kv_heads) * d
+    qkv = torch.randn(rows, width, generator=g)
+    bias = torch.randn(width, generator=g)
+    q_norm, k_norm = torch.rand(d, generator=g) + 0.5, torch.rand(d, generator=g) + 0.5
+    freqs = torch.rand(rows, 1, d // 2, generator=g) * 10
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([-freqs.sin(), freqs.sin()], -1)
+    scale = 0.3 * d ** -0.5                 # not head_dim ** -0.5 (Gemma's query_pre_attn_scalar)
+    out = kernels.attention_step(qkv, cos, sin, batch.k_cache, batch.v_cache,
+                                 batch.plan(kernels, heads, tile=64, windows=[0, window or 0]), scale,
+                                 softcap=softcap, window=window, qkv_bias=bias, q_norm=q_norm, k_norm=k_norm, eps=eps)
+    qk, v = (qkv + bias).split([(heads + kv_heads) * d, kv_heads * d], dim=-1)
+    qk = qk.reshape(rows, heads + kv_heads, d)
+    normed = torch.cat([torch.nn.functional.rms_norm(qk[:, :heads], (d,), q_norm, eps),
+                        torch.nn.functional.rms_norm(qk[:, heads:], (d,), k_norm, eps)], dim=1)
+    q, k = rotate(normed, cos, sin).split([heads, kv_heads], dim=1)
+    slots = torch.tensor(batch.slots)
+    flat_k, flat_v = batch.k_cache.view(-1, kv_heads, d), batch.v_cache.view(-1, kv_heads, d)
+    # Within a unit of the cache's last place: float32 norms that differ in their last bit may round apart.
+    torch.testing.assert_close(flat_k[slots].float(), k.to(dtype).float(), rtol=max(1e-5, torch.finfo(dtype).eps),
+                               atol=1e-5)
+    assert torch.equal(flat_v[slots], v.reshape(rows, kv_heads, d).to(dtype))
+    for start, (cached, new), table in zip(batch.starts, shapes, batch.tables):
+        positions = torch.arange(cached + new)
+        seq_slots = torch.tensor(table)[positions // 16] * 16 + positions % 16
+        expected = attention_reference(q[start:start + new], flat_k[seq_slots].float(), flat_v[seq_slots].float(),
+                                       AttentionOptions(scale, window, softcap))
+        assert relative_error(out[start:start + new].view(new, heads, d), expected) < 1e-5, f"row {start}"
+
+
 def test_plan_counts_tiles_and_items(kernels):
     """A decode row of 300 tokens in tiles of 128 is 3 tiles; a 50-token prompt with 3 query heads a KV
     head is 150 rows per KV head, cut into items of 3 x kLanes rows."""
@@ -211,6 +357,11 @@ def test_plan_counts_tiles_and_items(kernels):
                             torch.zeros(51, dtype=torch.long), 16, 6, 2, 128)
     assert plan.num_tiles == 3
     assert plan.num_prefill_items == 2 * -(-150 // (3 * kernels.LANES))
+    windowed = kernels.StepPlan([0, 1], [1, 50], [300, 50], [list(range(19)), list(range(4))],
+                                torch.zeros(51, dtype=torch.long), 16, 6, 2, 128, False, [0, 5, 200])
+    assert [windowed.num_tiles_of(w) for w in (0, 5, 200)] == [3, 1, 2]    # from the window's edge
+    with pytest.raises(RuntimeError, match="planned without window 7"):
+        windowed.num_tiles_of(7)
 
 
 def test_plan_rejects_a_block_table_short_of_the_context(kernels):

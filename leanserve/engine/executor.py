@@ -2,8 +2,10 @@
 
 NativeExecutor: the C++ executor (leanserve/kernels/cpu/executor.h) with the model's weights and KV
 caches bound once; each step is planned once (its lean-attention tiles and prefill items) and all
-decoder layers run in one call. Linears multiply int4 and int8 weights as stored, on integer dot
-products, or float32 weights with torch's GEMM.
+decoder layers run in one call. Each layer is described to it once, from the torch model's own
+modules: the family's optional parts (biases, q/k norms, output norms) are tensors or None, its
+window and rotary table are numbers. Linears multiply int4 and int8 weights as stored, on integer
+dot products, or float32 weights with torch's GEMM.
 
 TorchExecutor: the plain torch model with an attention backend (torch on the CPU, Triton on a GPU):
 the reference the native executor is tested against, and the fallback where it cannot run (no C++
@@ -55,6 +57,10 @@ class TorchExecutor:
                 "attention": type(self.backend).__name__}
 
 
+def _weight(norm: nn.Module | None) -> torch.Tensor | None:
+    return None if norm is None else norm.weight
+
+
 def _exact_half(t: torch.Tensor) -> bool:
     return bool(torch.equal(t.half().to(t.dtype), t))
 
@@ -89,7 +95,8 @@ class NativeExecutor:
         self.model, self.kernels, self.batch_invariant = model, kernels, batch_invariant
         self.native = kernels.Executor(layers, lm_head, model.norm.weight, cfg.num_attention_heads,
                                        cfg.num_key_value_heads, cfg.head_dim, cfg.rms_norm_eps, tile_size,
-                                       batch_invariant)
+                                       batch_invariant, scale=cfg.scale, attn_softcap=cfg.attn_logit_softcap,
+                                       activation=cfg.hidden_act, final_softcap=cfg.final_logit_softcap)
 
     @classmethod
     def build(cls, model: DecoderForCausalLM, tile_size: int = 128, batch_invariant: bool = False) -> NativeExecutor | str:
@@ -100,11 +107,6 @@ class NativeExecutor:
         kernels = native_kernels()
         if kernels is None:
             return "no native CPU kernels (LEANSERVE_NATIVE_KERNELS=0, or no C++ compiler)"
-        cfg = model.config
-        if (cfg.attention_bias or cfg.qk_norm or cfg.sandwich_norms or cfg.hidden_act != "silu" or len(cfg.ropes) > 1
-                or cfg.attn_logit_softcap or cfg.final_logit_softcap or cfg.scale != cfg.head_dim ** -0.5
-                or any(spec.sliding_window for spec in cfg.layers)):
-            return f"the native executor does not run {cfg.architecture}'s layer options yet"
         if model.config.head_dim % 16:
             return f"head_dim {model.config.head_dim} is not a multiple of 16"
         layers = []
@@ -113,8 +115,11 @@ class NativeExecutor:
             linears = [native_linear(m, kernels) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
             if reason := next((x for x in linears if isinstance(x, str)), None):
                 return reason
-            layers.append(kernels.DecoderLayer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight,
-                                               *linears, attn.k_cache, attn.v_cache))
+            layers.append(kernels.DecoderLayer(
+                layer.input_layernorm.weight, layer.post_attention_layernorm.weight, *linears, attn.k_cache,
+                attn.v_cache, attn_output_norm=_weight(layer.attn_output_norm),
+                mlp_output_norm=_weight(layer.mlp_output_norm), qkv_bias=attn.qkv_bias, q_norm=_weight(attn.q_norm),
+                k_norm=_weight(attn.k_norm), window=attn.options.sliding_window, rope=layer.rope_index))
         lm_head = native_linear(model.lm_head, kernels)
         if isinstance(lm_head, str):
             return "LM head: " + lm_head
@@ -122,8 +127,7 @@ class NativeExecutor:
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
         plan = self.native.plan(md.query_starts, md.query_lens, md.context_lens, md.block_tables, md.slot_mapping)
-        (cos, sin), = self.model.rotary(positions)
-        return self.native.forward(self.model.embed(input_ids), cos, sin, plan)
+        return self.native.forward(self.model.embed(input_ids), self.model.rotary(positions), plan)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.native.logits(hidden)

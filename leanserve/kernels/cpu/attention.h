@@ -18,6 +18,12 @@
 // broadcast value entries times St's probabilities. Keys are taken kKeys at a time, converted to
 // float32 once per item; a block past the item's last token is skipped (causal), one that straddles
 // it is masked. Items are handed to threads longest first (OpenMP dynamic schedule).
+//
+// What a layer may add (AttentionOptions): a sliding window (a token at position p sees keys at
+// positions > p - window; lean decode's tiles start at the window's edge, prefill items skip the key
+// blocks before every row's window and mask the rest per row) and soft-capped scores
+// (cap tanh(s / cap) before the softmax, s already scaled). Before the rotation, write_rotated adds
+// the q/k/v biases and normalizes each query and key head (HeadPrep).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,6 +36,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace leanserve {
@@ -37,8 +44,17 @@ namespace leanserve {
 constexpr int64_t kRowVecs = 3, kRows = kRowVecs * simd::kLanes, kKeys = 32;
 constexpr int64_t kKeyGroup = simd::kRegisters == 32 ? 8 : 4, kDimGroup = kKeyGroup;
 
+// What one layer's attention computes beyond causal softmax attention (kernels/attention.py's
+// AttentionOptions): scores = scale q.k, then softcap tanh(scores / softcap) where softcap > 0; with
+// window > 0 a token at position p sees the keys at positions > p - window.
+struct AttentionOptions {
+  float scale = 1.f, softcap = 0.f;
+  int64_t window = 0;
+};
+
 // A step's batch as attention sees it, worked out once per step and shared by every layer.
 // A row with one new token is a decode row (lean attention); a row with more is a prefill segment.
+// The decode rows' tiles are planned once for each window the step's layers use (0: full attention).
 // Batch-invariant plans make every row a prefill segment: a token's attention is then the same sums
 // in the same order whether it is decoded, prefilled in one piece or in chunks, or recomputed after
 // preemption (lean attention's tiles and merge compute the same values in another order).
@@ -46,15 +62,19 @@ struct StepPlan {
   struct Tile { int64_t seq, start, end; };                 // decode sequence, tokens [start, end)
   struct Segment { int64_t start, q_len, context; const int64_t* table; };
   struct Item { int64_t seg, head, first, rows, cost; };    // KV head, flat rows [first, first + rows)
+  struct TileSet {                                          // the decode rows' tiles for one window
+    int64_t window;
+    std::vector<Tile> tiles;
+    std::vector<int64_t> first_tile;                        // [decode rows + 1]: each decode row's tiles
+  };
 
   int64_t block_size, heads, kv_heads, tile;
   bool batch_invariant;
   at::Tensor slots;                          // [T] int64: the cache slot of each new token
   std::vector<int64_t> tables;               // every sequence's block table, back to back
-  std::vector<int64_t> decode_rows;
+  std::vector<int64_t> decode_rows, decode_contexts;
   std::vector<const int64_t*> decode_tables;
-  std::vector<Tile> tiles;
-  std::vector<int64_t> first_tile;           // [decode rows + 1]: each decode row's tiles
+  std::vector<TileSet> tile_sets;            // one a window
   std::vector<Segment> segments;
   std::vector<Item> items;                   // longest first
   std::vector<float> partial_out, partial_lse;    // lean attention's scratch, reused by every layer
@@ -62,7 +82,7 @@ struct StepPlan {
   StepPlan(const std::vector<int64_t>& query_starts, const std::vector<int64_t>& query_lens,
            const std::vector<int64_t>& context_lens, const std::vector<std::vector<int64_t>>& block_tables,
            at::Tensor slot_mapping, int64_t block_size_, int64_t heads_, int64_t kv_heads_, int64_t tile_,
-           bool batch_invariant_ = false)
+           bool batch_invariant_ = false, const std::vector<int64_t>& windows = {0})
       : block_size(block_size_), heads(heads_), kv_heads(kv_heads_), tile(tile_), batch_invariant(batch_invariant_),
         slots(slot_mapping.contiguous()) {
     const size_t n = query_lens.size();
@@ -76,7 +96,6 @@ struct StepPlan {
       tables.insert(tables.end(), t.begin(), t.end());
     }
     const int64_t groups = heads / kv_heads;
-    first_tile.push_back(0);
     for (size_t s = 0; s < n; ++s) {
       const int64_t context = context_lens[s], q_len = query_lens[s];
       TORCH_CHECK(q_len >= 1 && context >= q_len && query_starts[s] >= 0 && query_starts[s] + q_len <= slots.size(0),
@@ -85,12 +104,9 @@ struct StepPlan {
                   "a sequence's block table must cover its context");
       const int64_t* table = tables.data() + offsets[s];
       if (q_len == 1 && !batch_invariant) {
-        const int64_t seq = static_cast<int64_t>(decode_rows.size());
         decode_rows.push_back(query_starts[s]);
+        decode_contexts.push_back(context);
         decode_tables.push_back(table);
-        for (int64_t start = 0; start < context; start += tile)
-          tiles.push_back({seq, start, std::min(start + tile, context)});
-        first_tile.push_back(static_cast<int64_t>(tiles.size()));
         continue;
       }
       const int64_t seg = static_cast<int64_t>(segments.size()), cached = context - q_len;
@@ -101,9 +117,30 @@ struct StepPlan {
       }
     }
     std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
-    partial_lse.resize(tiles.size() * heads);    // partial_out: sized by lean_decode, which knows head_dim
+    for (const int64_t window : windows) {
+      TORCH_CHECK(window >= 0, "a window is positive, or 0 for none");
+      TileSet set{window, {}, {0}};
+      for (size_t b = 0; b < decode_rows.size(); ++b) {
+        const int64_t context = decode_contexts[b], seq = static_cast<int64_t>(b);
+        for (int64_t start = window ? std::max<int64_t>(0, context - window) : 0; start < context; start += tile)
+          set.tiles.push_back({seq, start, std::min(start + tile, context)});
+        set.first_tile.push_back(static_cast<int64_t>(set.tiles.size()));
+      }
+      tile_sets.push_back(std::move(set));
+    }
+  }
+
+  const TileSet& tiles_of(int64_t window) const {
+    for (const TileSet& set : tile_sets)
+      if (set.window == window) return set;
+    TORCH_CHECK(false, "the step was planned without window ", window);
   }
 };
+
+// Soft-capped scores: cap tanh(s / cap).
+inline simd::Vec soft_cap(simd::Vec s, float cap) {
+  return simd::mul(simd::set1(cap), simd::tanh(simd::div(s, simd::set1(cap))));
+}
 
 // ------------------------------------------------------------------------------------ lean decode
 
@@ -178,8 +215,8 @@ inline void weigh_values_heads(const T* v, const int64_t* rows, int64_t n, const
 // Values, a KV head at a time: its query heads' outputs stay in registers (weigh_values).
 template <typename T, int KC>
 void attend_tile(const float* q, const T* k_cache, const T* v_cache, const int64_t* table, int64_t start, int64_t end,
-                 int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim, float* scores, float* out,
-                 float* lse) {
+                 int64_t block_size, int64_t kv_heads, int64_t groups, int64_t dim, float softcap, float* scores,
+                 float* out, float* lse) {
   constexpr int64_t L = simd::kLanes, line = 64 / sizeof(T), ahead = 8;
   const int64_t n = end - start, heads = kv_heads * groups, row = kv_heads * dim, vecs = dim / L;
   thread_local std::vector<int64_t> row_buffer;
@@ -217,6 +254,8 @@ void attend_tile(const float* q, const T* k_cache, const T* v_cache, const int64
       }
     }
   }
+  if (softcap > 0)
+    for_vectors(heads * n, [&](int64_t i, int m) { store_n(scores + i, soft_cap(load_n(scores + i, m), softcap), m); });
   softmax_rows(scores, heads, n, lse);
   for (int64_t g = 0; g < kv_heads; ++g) {
     for (int64_t c = 0; c < vecs;) {
@@ -240,12 +279,12 @@ void attend_tile(const float* q, const T* k_cache, const T* v_cache, const int64
 // attend_tile with the widest key chunk (8, 4, 2 or 1 vectors) that divides the head's vectors.
 template <typename T>
 void attend_tile_any(int64_t dim, const float* q, const T* k_cache, const T* v_cache, const int64_t* table,
-                     int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, float* scores,
-                     float* out, float* lse) {
+                     int64_t start, int64_t end, int64_t block_size, int64_t kv_heads, int64_t groups, float softcap,
+                     float* scores, float* out, float* lse) {
   const int64_t vecs = dim / simd::kLanes;
   auto run = [&](auto kc) {
     attend_tile<T, decltype(kc)::value>(q, k_cache, v_cache, table, start, end, block_size, kv_heads, groups, dim,
-                                        scores, out, lse);
+                                        softcap, scores, out, lse);
   };
   if (vecs % 8 == 0) run(std::integral_constant<int, 8>());
   else if (vecs % 4 == 0) run(std::integral_constant<int, 4>());
@@ -255,18 +294,22 @@ void attend_tile_any(int64_t dim, const float* q, const T* k_cache, const T* v_c
 
 // Lean attention for the plan's decode rows: q [T, H, D] float32 (scaled already), writes their rows of out.
 template <typename T>
-void lean_decode(StepPlan& plan, const float* q, const T* k_cache, const T* v_cache, int64_t dim, float* out) {
+void lean_decode(StepPlan& plan, const AttentionOptions& options, const float* q, const T* k_cache, const T* v_cache,
+                 int64_t dim, float* out) {
+  const StepPlan::TileSet& set = plan.tiles_of(options.window);
   const int64_t heads = plan.heads, groups = heads / plan.kv_heads, tile = plan.tile;
-  const int64_t num_tiles = static_cast<int64_t>(plan.tiles.size());
-  plan.partial_out.resize(num_tiles * heads * dim);        // every tile writes all of its own partials
+  const int64_t num_tiles = static_cast<int64_t>(set.tiles.size());
+  if (num_tiles == 0) return;
+  plan.partial_out.resize(std::max<size_t>(plan.partial_out.size(), num_tiles * heads * dim));   // every tile
+  plan.partial_lse.resize(std::max<size_t>(plan.partial_lse.size(), num_tiles * heads));         // writes all its own
   float* partial_out = plan.partial_out.data();
   float* partial_lse = plan.partial_lse.data();
   at::parallel_for(0, num_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(heads * tile);
     for (int64_t i = begin; i < end; ++i) {
-      const StepPlan::Tile& t = plan.tiles[i];
+      const StepPlan::Tile& t = set.tiles[i];
       attend_tile_any<T>(dim, q + plan.decode_rows[t.seq] * heads * dim, k_cache, v_cache, plan.decode_tables[t.seq],
-                         t.start, t.end, plan.block_size, plan.kv_heads, groups, scores.data(),
+                         t.start, t.end, plan.block_size, plan.kv_heads, groups, options.softcap, scores.data(),
                          partial_out + i * heads * dim, partial_lse + i * heads);
     }
   });
@@ -277,9 +320,10 @@ void lean_decode(StepPlan& plan, const float* q, const T* k_cache, const T* v_ca
       float* o = out + (plan.decode_rows[b] * heads + h) * dim;
       std::fill(o, o + dim, 0.f);
       float top = -std::numeric_limits<float>::infinity();
-      for (int64_t i = plan.first_tile[b]; i < plan.first_tile[b + 1]; ++i) top = std::max(top, partial_lse[i * heads + h]);
+      for (int64_t i = set.first_tile[b]; i < set.first_tile[b + 1]; ++i)
+        top = std::max(top, partial_lse[i * heads + h]);
       float total = 0.f;
-      for (int64_t i = plan.first_tile[b]; i < plan.first_tile[b + 1]; ++i) {
+      for (int64_t i = set.first_tile[b]; i < set.first_tile[b + 1]; ++i) {
         const float w = std::exp(partial_lse[i * heads + h] - top);
         total += w;
         const float* p = partial_out + (i * heads + h) * dim;
@@ -306,36 +350,45 @@ void gather_rows(const StepPlan::Segment& seg, const T* cache, int64_t head, int
 // One item; q [T, H, D] float32, scaled already; writes its rows of out [T, H, D]. RV: the row vectors
 // worked on (kRowVecs, or 1 for an item of at most kLanes rows, such as a decode row's query heads); each
 // lane's arithmetic is the same either way.
+// Batch invariance: a row's sums must not depend on the item it is in. Key blocks are aligned to
+// position 0, and a block that lies wholly outside a row's window (or past its token) leaves the row's
+// running max, sum and output exactly as they were (the max starts at the lowest finite float, so a
+// block with no visible key scales by exp(0) = 1 and adds zeros): whether an item starts at such a
+// block or skips it, the row gets the same bits.
 template <typename T, int RV>
-void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, const float* q, const T* k_cache,
-                  const T* v_cache, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, float* out,
-                  float* scratch) {
+void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, const AttentionOptions& options,
+                  const float* q, const T* k_cache, const T* v_cache, int64_t heads, int64_t kv_heads, int64_t dim,
+                  int64_t block_size, float* out, float* scratch) {
   const int64_t groups = heads / kv_heads, cached = seg.context - seg.q_len;
   float* qt = scratch;                   // [D, kRows]
   float* ot = qt + dim * kRows;          // [D, kRows]
   float* st = ot + dim * kRows;          // [kKeys, kRows]
   float* keys = st + kKeys * kRows;      // [kKeys, D]
   float* values = keys + kKeys * dim;    // [kKeys, D]
-  alignas(64) float position[kRows];     // each row's token position; padding rows see every key
+  alignas(64) float position[kRows];     // each row's token position; padding rows repeat the last row's
   std::fill(qt, qt + dim * kRows, 0.f);
   std::fill(ot, ot + dim * kRows, 0.f);
-  std::fill(position, position + kRows, std::numeric_limits<float>::max());
-  for (int64_t r = 0; r < item.rows; ++r) {
-    const int64_t f = item.first + r, t = f / groups, h = item.head * groups + f % groups;
+  for (int64_t r = 0; r < kRows; ++r) {
+    const int64_t f = item.first + std::min(r, item.rows - 1), t = f / groups, h = item.head * groups + f % groups;
+    position[r] = static_cast<float>(cached + t);
+    if (r >= item.rows) continue;
     const float* src = q + ((seg.start + t) * heads + h) * dim;
     for (int64_t d = 0; d < dim; ++d) qt[d * kRows + r] = src[d];
-    position[r] = static_cast<float>(cached + t);
   }
   simd::Vec row_position[RV], row_max[RV], row_sum[RV];
   for (int i = 0; i < RV; ++i) {
     row_position[i] = simd::load(position + simd::kLanes * i);
-    row_max[i] = simd::set1(-std::numeric_limits<float>::infinity());
+    row_max[i] = simd::set1(std::numeric_limits<float>::lowest());
     row_sum[i] = simd::zero();
   }
-  const int64_t first_pos = cached + item.first / groups;          // keys up to it are visible to every row
-  const int64_t end = cached + (item.first + item.rows - 1) / groups + 1;
+  const int64_t window = options.window;
+  const int64_t first_pos = cached + item.first / groups, last_pos = cached + (item.first + item.rows - 1) / groups;
+  // Keys up to first_pos are past no row's token; keys after window_edge are inside every row's window;
+  // blocks wholly before the first row's window are skipped.
+  const int64_t window_edge = window ? last_pos - window : -1, end = last_pos + 1;
+  const int64_t begin = window ? std::max<int64_t>(0, first_pos - window + 1) / kKeys * kKeys : 0;
   const simd::Vec minus_inf = simd::set1(-std::numeric_limits<float>::infinity());
-  for (int64_t k0 = 0; k0 < end; k0 += kKeys) {
+  for (int64_t k0 = begin; k0 < end; k0 += kKeys) {
     const int64_t n = std::min(kKeys, end - k0);
     gather_rows(seg, k_cache, item.head, kv_heads, dim, block_size, k0, n, keys);
     gather_rows(seg, v_cache, item.head, kv_heads, dim, block_size, k0, n, values);
@@ -354,14 +407,20 @@ void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, cons
         }
       }
       for (int j = 0; j < kKeyGroup; ++j)    // all of them (st has room): a partial store would spill acc
-        for (int i = 0; i < RV; ++i) simd::store(st + (j0 + j) * kRows + simd::kLanes * i, acc[j][i]);
+        for (int i = 0; i < RV; ++i)
+          simd::store(st + (j0 + j) * kRows + simd::kLanes * i,
+                      options.softcap > 0 ? soft_cap(acc[j][i], options.softcap) : acc[j][i]);
     }
-    // The online softmax; keys past a row's token get probability 0 (the causal mask).
+    // The online softmax; keys past a row's token (the causal mask) or at or before its position - window
+    // get probability 0.
     simd::Vec alpha[RV];
     for (int i = 0; i < RV; ++i) {
       auto visible = [&](int64_t j, simd::Vec x, simd::Vec otherwise) {
-        return k0 + j > first_pos ? simd::select_ge(row_position[i], simd::set1(static_cast<float>(k0 + j)), x, otherwise)
-                                  : x;
+        const int64_t key = k0 + j;
+        if (key > first_pos) x = simd::select_ge(row_position[i], simd::set1(static_cast<float>(key)), x, otherwise);
+        if (key <= window_edge)
+          x = simd::select_ge(row_position[i], simd::set1(static_cast<float>(key + window)), otherwise, x);
+        return x;
       };
       simd::Vec top = row_max[i];
       for (int64_t j = 0; j < n; ++j)
@@ -406,7 +465,8 @@ void prefill_item(const StepPlan::Segment& seg, const StepPlan::Item& item, cons
 
 // The plan's prefill items over the threads (each with its own scratch).
 template <typename T>
-void prefill_attention(const StepPlan& plan, const float* q, const T* k_cache, const T* v_cache, int64_t dim, float* out) {
+void prefill_attention(const StepPlan& plan, const AttentionOptions& options, const float* q, const T* k_cache,
+                       const T* v_cache, int64_t dim, float* out) {
   if (plan.items.empty()) return;
 #pragma omp parallel num_threads(at::get_num_threads())
   {
@@ -415,23 +475,33 @@ void prefill_attention(const StepPlan& plan, const float* q, const T* k_cache, c
     for (size_t i = 0; i < plan.items.size(); ++i) {
       const StepPlan::Item& item = plan.items[i];
       if (item.rows <= simd::kLanes)
-        prefill_item<T, 1>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
+        prefill_item<T, 1>(plan.segments[item.seg], item, options, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
                            plan.block_size, out, scratch.data());
       else
-        prefill_item<T, kRowVecs>(plan.segments[item.seg], item, q, k_cache, v_cache, plan.heads, plan.kv_heads, dim,
-                                  plan.block_size, out, scratch.data());
+        prefill_item<T, kRowVecs>(plan.segments[item.seg], item, options, q, k_cache, v_cache, plan.heads,
+                                  plan.kv_heads, dim, plan.block_size, out, scratch.data());
     }
   }
 }
 
 // -------------------------------------------------------------------------------- the attention step
 
+// What happens to a step's q, k and v heads before the rotation: the projection's biases (Qwen2) and
+// an RMSNorm of each query and key head (Qwen3, Gemma 3), in that order; null where a model has none.
+struct HeadPrep {
+  const float* bias = nullptr;                          // [(H + 2 Hkv) D], added to each row of qkv
+  const float* q_norm = nullptr;                        // [D]
+  const float* k_norm = nullptr;                        // [D]
+  float eps = 0.f;
+};
+
 // The rotary embedding of a step's queries and keys in qkv [T, (H + 2 Hkv) D] (cos and signed sin
-// [T, D], HF's rotate-half layout: x cos + roll(x, D/2) sin): queries into q [T, H, D], times
-// `scale`; keys (rotated) and values into their cache slots, rounded as torch's cast rounds.
+// [T, D], HF's rotate-half layout: x cos + roll(x, D/2) sin), after `prep`: queries into q [T, H, D],
+// times `scale`; keys (rotated) and values into their cache slots, rounded as torch's cast rounds.
 template <typename T>
 void write_rotated(const float* qkv, const float* cos, const float* sin, const int64_t* slots, int64_t rows,
-                   int64_t heads, int64_t kv_heads, int64_t dim, float scale, float* q, T* k_cache, T* v_cache) {
+                   int64_t heads, int64_t kv_heads, int64_t dim, const HeadPrep& prep, float scale, float* q,
+                   T* k_cache, T* v_cache) {
   constexpr int64_t L = simd::kLanes;
   const int64_t width = (heads + 2 * kv_heads) * dim, half = dim / 2;
   auto rotate = [&](const float* x, const float* c, const float* sn, float factor, auto* dst) {
@@ -445,13 +515,27 @@ void write_rotated(const float* qkv, const float* cos, const float* sin, const i
     for (; d < dim; ++d) dst[d] = static_cast<D>((x[d] * c[d] + x[(d + half) % dim] * sn[d]) * factor);
   };
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> biased(prep.bias ? width : 0), normed(dim);
+    auto normalized = [&](const float* x, const float* norm) {    // x, or its RMSNorm over the head
+      if (!norm) return x;
+      norm_row(x, norm, normed.data(), dim, prep.eps);
+      return static_cast<const float*>(normed.data());
+    };
     for (int64_t b = begin; b < end; ++b) {
       const float* row = qkv + b * width;
+      if (prep.bias) {
+        for_vectors(width, [&](int64_t i, int n) {
+          store_n(biased.data() + i, simd::add(load_n(row + i, n), load_n(prep.bias + i, n)), n);
+        });
+        row = biased.data();
+      }
       const float* cb = cos + b * dim;
       const float* sb = sin + b * dim;
-      for (int64_t h = 0; h < heads; ++h) rotate(row + h * dim, cb, sb, scale, q + (b * heads + h) * dim);
+      for (int64_t h = 0; h < heads; ++h)
+        rotate(normalized(row + h * dim, prep.q_norm), cb, sb, scale, q + (b * heads + h) * dim);
       for (int64_t h = 0; h < kv_heads; ++h) {                // keys, rotated; values as they are
-        rotate(row + (heads + h) * dim, cb, sb, 1.f, k_cache + (slots[b] * kv_heads + h) * dim);
+        rotate(normalized(row + (heads + h) * dim, prep.k_norm), cb, sb, 1.f,
+               k_cache + (slots[b] * kv_heads + h) * dim);
         const float* value = row + (heads + kv_heads + h) * dim;
         T* v = v_cache + (slots[b] * kv_heads + h) * dim;
         for (int64_t d = 0; d < dim; d += L) simd::store(v + d, simd::load(value + d));
@@ -478,11 +562,12 @@ void with_cache_type(at::ScalarType type, F&& f) {
   else f(static_cast<c10::BFloat16*>(nullptr));
 }
 
-// One layer's attention for the step, on float32 activations: the rotary embedding, the new keys and
-// values into the cache, prefill attention for the segments and lean attention for the decode rows.
-// qkv [T, (H + 2 Hkv) D]; returns [T, H D].
+// One layer's attention for the step, on float32 activations: biases and q/k norms, the rotary
+// embedding, the new keys and values into the cache, prefill attention for the segments and lean
+// attention for the decode rows. qkv [T, (H + 2 Hkv) D]; returns [T, H D].
 inline at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
-                                 const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan, double scale) {
+                                 const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan,
+                                 const AttentionOptions& options, const HeadPrep& prep = {}) {
   const int64_t rows = qkv.size(0), dim = k_cache.size(3), heads = plan.heads;
   const at::Tensor x = qkv.contiguous(), c = cos.reshape({rows, dim}).contiguous(), s = sin.reshape({rows, dim}).contiguous();
   at::Tensor q = at::empty({rows, heads, dim}, at::kFloat), out = at::empty({rows, heads, dim}, at::kFloat);
@@ -491,9 +576,9 @@ inline at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, c
     T* kd = static_cast<T*>(k_cache.data_ptr());
     T* vd = static_cast<T*>(v_cache.data_ptr());
     write_rotated<T>(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), plan.slots.data_ptr<int64_t>(), rows,
-                     heads, plan.kv_heads, dim, static_cast<float>(scale), q.data_ptr<float>(), kd, vd);
-    if (!plan.tiles.empty()) lean_decode<T>(plan, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
-    prefill_attention<T>(plan, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
+                     heads, plan.kv_heads, dim, prep, options.scale, q.data_ptr<float>(), kd, vd);
+    lean_decode<T>(plan, options, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
+    prefill_attention<T>(plan, options, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
   });
   return out.view({rows, heads * dim});
 }

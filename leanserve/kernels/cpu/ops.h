@@ -1,11 +1,12 @@
 // Elementwise parts of a decoder layer on float32 rows: RMSNorm (alone, and fused with the residual
-// add before it) and the MLP's SiLU-and-multiply.
+// add before it) and the gated MLP's activation-and-multiply (SiLU or tanh GELU).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <string>
 
 #include "simd.h"
 
@@ -74,8 +75,32 @@ inline void add_rms_norm(at::Tensor& x, at::Tensor& residual, const at::Tensor& 
   });
 }
 
-// gate_up [T, 2 I] float32 -> silu(gate) * up [T, I], silu(x) = x / (1 + exp(-x)).
-inline at::Tensor silu_mul(const at::Tensor& gate_up) {
+// The gated MLP's activation: SwiGLU's SiLU, or GeGLU's tanh-approximated GELU (HF gelu_pytorch_tanh).
+enum class Activation { silu, gelu_tanh };
+
+inline Activation activation_named(const std::string& name) {
+  if (name == "silu") return Activation::silu;
+  TORCH_CHECK(name == "gelu_tanh", "activation must be silu or gelu_tanh, not ", name);
+  return Activation::gelu_tanh;
+}
+
+// Both activations are x sigmoid(z) = x / (1 + exp(-z)): SiLU's z = x; the tanh GELU's
+// 0.5 x (1 + tanh(u)) equals x sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3), a form that keeps its
+// relative accuracy where 1 + tanh(u) would cancel (x << 0).
+template <Activation A>
+inline simd::Vec activate(simd::Vec x) {
+  simd::Vec z = x;
+  if constexpr (A == Activation::gelu_tanh) {
+    constexpr float two_root_2_over_pi = 1.5957691216057308f;
+    const simd::Vec x3 = simd::mul(simd::mul(x, x), x);
+    z = simd::mul(simd::set1(two_root_2_over_pi), simd::fmadd(simd::set1(0.044715f), x3, x));
+  }
+  return simd::div(x, simd::add(simd::set1(1.f), simd::exp(simd::sub(simd::zero(), z))));
+}
+
+// gate_up [T, 2 I] float32 -> act(gate) * up [T, I].
+template <Activation A>
+inline at::Tensor gated(const at::Tensor& gate_up) {
   TORCH_CHECK(gate_up.scalar_type() == at::kFloat && gate_up.dim() == 2 && gate_up.size(1) % 2 == 0,
               "gate_up must be float32 [T, 2 I]");
   const at::Tensor x = gate_up.contiguous();
@@ -88,13 +113,15 @@ inline at::Tensor silu_mul(const at::Tensor& gate_up) {
       const float* gate = xd + r * 2 * width;
       const float* up = gate + width;
       for_vectors(width, [&](int64_t i, int n) {
-        const simd::Vec g = load_n(gate + i, n);
-        const simd::Vec silu = simd::div(g, simd::add(simd::set1(1.f), simd::exp(simd::sub(simd::zero(), g))));
-        store_n(od + r * width + i, simd::mul(silu, load_n(up + i, n)), n);
+        store_n(od + r * width + i, simd::mul(activate<A>(load_n(gate + i, n)), load_n(up + i, n)), n);
       });
     }
   });
   return out;
+}
+
+inline at::Tensor gated(Activation activation, const at::Tensor& gate_up) {
+  return activation == Activation::silu ? gated<Activation::silu>(gate_up) : gated<Activation::gelu_tanh>(gate_up);
 }
 
 }  // namespace leanserve

@@ -5,7 +5,7 @@
 // pick the implementation (cpu_kernels.py builds one module per level).
 //
 //   Vec    kLanes floats           load/store from float, float16 and bfloat16 (stores round to
-//                                  nearest even, as torch's casts do), fmadd, max, reductions, exp
+//                                  nearest even, as torch's casts do), fmadd, max, reductions, exp, tanh
 //   Ints   kLanes int32 lanes      integer dot products (dot_int4, dot_int8)
 //   Bytes  4 kLanes bytes          4 bytes per int32 lane: the weights the dots multiply
 //
@@ -363,6 +363,16 @@ inline Vec exp(Vec x) {
   Vec p = set1(1.f / 720);
   for (const float c : {1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f}) p = fmadd(p, r, set1(c));
   return ldexp(p, n);
+}
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1), which cancels near 0 (losing relative accuracy), so |x| < 1/4 takes
+// the odd Taylor polynomial to x^9 instead (relative error < 1e-8 there).
+inline Vec tanh(Vec x) {
+  const Vec x2 = mul(x, x);
+  Vec p = set1(62.f / 2835);
+  for (const float c : {-17.f / 315, 2.f / 15, -1.f / 3, 1.f}) p = fmadd(p, x2, set1(c));
+  const Vec large = sub(set1(1.f), div(set1(2.f), add(exp(add(x, x)), set1(1.f))));
+  return select_ge(abs(x), set1(0.25f), large, mul(p, x));
 }
 
 }  // namespace simd
