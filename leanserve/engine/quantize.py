@@ -286,6 +286,10 @@ def save_quantized(model: str, out: str | Path, mode: str, group_size: int = 32,
     if mode not in MODES:
         raise ValueError(f"quantization must be one of {list(MODES)}, got {mode!r}")
     checkpoint = load_checkpoint(model)
+    if checkpoint.config.architecture != "llama":
+        # hf_config writes a Llama config.json; the other families' options would be lost.
+        raise ValueError(f"{checkpoint.path}: leanserve quantize writes Llama-family checkpoints; serve this "
+                         f"{checkpoint.config.architecture} model directly (a GGUF file's blocks run as stored)")
     if checkpoint.quantized is not None:
         raise ValueError(f"{checkpoint.path} is already quantized ({checkpoint.quantized.mode})")
     float_model = DecoderForCausalLM(checkpoint.config, backend=None)
