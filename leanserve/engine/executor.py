@@ -61,10 +61,6 @@ def _weight(norm: nn.Module | None) -> torch.Tensor | None:
     return None if norm is None else norm.weight
 
 
-def _exact_half(t: torch.Tensor) -> bool:
-    return bool(torch.equal(t.half().to(t.dtype), t))
-
-
 def native_linear(module: nn.Module, kernels):
     """The executor's linear for a model module, or a string saying why the executor cannot take it.
     Scales and mins go to the kernel as the values they are (it packs float16 where they all are

@@ -24,8 +24,9 @@ struct Linear {
   at::Tensor packed, scales_mins, dense;
   int64_t group = 0, out_features = 0;
 
+  // float16 or float32 scales_mins (linear.h: pack_scales_mins).
   static Linear quantized(at::Tensor packed, at::Tensor scales_mins, int64_t group, int64_t out_features) {
-    TORCH_CHECK(packed.scalar_type() == at::kByte && scales_mins.scalar_type() == at::kHalf, "packed weights");
+    check_packed(packed, scales_mins, group, out_features);
     return {packed, scales_mins, at::Tensor(), group, out_features};
   }
   static Linear from_dense(at::Tensor weight) {

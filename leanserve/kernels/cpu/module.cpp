@@ -146,12 +146,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("window"))
       .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); });
   py::class_<Linear>(m, "Linear", py::module_local())
-      .def_static("quantized",   // float16 or float32 scales_mins (linear.h), checked here
-                  [](at::Tensor packed, at::Tensor scales_mins, int64_t group, int64_t out_features) {
-                    check_packed(packed, scales_mins, group, out_features);
-                    return Linear{packed, scales_mins, at::Tensor(), group, out_features};
-                  },
-                  py::arg("packed"), py::arg("scales_mins"), py::arg("group"), py::arg("out_features"))
+      .def_static("quantized", &Linear::quantized, py::arg("packed"), py::arg("scales_mins"), py::arg("group"),
+                  py::arg("out_features"))
       .def_static("dense", &Linear::from_dense, py::arg("weight"))
       .def("__call__", &Linear::operator(), py::call_guard<py::gil_scoped_release>());
   py::class_<DecoderLayer>(m, "DecoderLayer", py::module_local())
