@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from leanserve import LLM, SamplingParams
+from tests.test_parity_hf import hf_greedy
 from tests.tiny_models import FAMILY_CONFIGS, make_tiny_family_gguf, make_tiny_family_hf
 
 transformers = pytest.importorskip("transformers")
@@ -26,17 +27,7 @@ def family(request, tmp_path_factory):
     generator = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 49152, (n,), generator=generator).tolist() for n in PROMPT_LENGTHS]
     return {"name": request.param, "hf": directory, "gguf": gguf_path, "model": model, "prompts": prompts,
-            "greedy": [_hf_greedy(model, ids) for ids in prompts]}
-
-
-def _hf_greedy(model, ids: list[int]) -> list[int]:
-    tokens = []
-    with torch.inference_mode():
-        out = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(NEW_TOKENS):
-            tokens.append(int(out.logits[0, -1].argmax()))
-            out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
+            "greedy": [hf_greedy(model, ids, NEW_TOKENS) for ids in prompts]}
 
 
 def _llm(path, executor: str) -> LLM:

@@ -35,7 +35,7 @@ from leanserve.engine.quantize import default_quantization, quantize_model, save
 from leanserve.kernels.cpu_kernels import native_kernels
 from leanserve.kernels.quant import GGUF_NATIVE, Int4Linear, Int8Linear, QuantLinear, gguf_linear
 from tests.conftest import LEVELS
-from tests.tiny_models import default_gguf_reader, make_tiny_llama_gguf
+from tests.tiny_models import close_gguf, default_gguf_reader, make_tiny_llama_gguf
 
 Q = gguf.GGMLQuantizationType
 K_QUANTS = (Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -356,11 +356,7 @@ def write_mixed_gguf(path: Path) -> Path:
     for name in ["output_norm.weight"] + [f"blk.{n}.{t}.weight" for n in range(len(MIXED_FILE))
                                           for t in ("attn_norm", "ffn_norm")]:
         writer.add_tensor(name, (1 + 0.1 * rng.standard_normal(h)).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return close_gguf(writer, path)
 
 
 def test_mixed_type_gguf_loads_natively_and_round_trips(tmp_path: Path, default_gguf_path: Path) -> None:

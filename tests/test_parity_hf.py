@@ -57,12 +57,12 @@ def prompt_ids(llm):
     return ids
 
 
-def hf_greedy(model, ids: list[int]) -> list[int]:
+def hf_greedy(model, ids: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
     """Plain greedy decoding with transformers' KV cache; runs past EOS like ignore_eos."""
     tokens = []
     with torch.inference_mode():
         out = model(torch.tensor([ids]), use_cache=True)
-        for _ in range(NEW_TOKENS):
+        for _ in range(new_tokens):
             tokens.append(int(out.logits[0, -1].argmax()))
             out = model(torch.tensor([tokens[-1:]]), past_key_values=out.past_key_values, use_cache=True)
     return tokens

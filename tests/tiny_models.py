@@ -120,13 +120,22 @@ def make_tiny_llama_gguf(path: str | Path, hf_dir: str | Path,
             data = llama_cpp_permute(data, config["num_attention_heads"])
         elif name.endswith("attn_k.weight"):
             data = llama_cpp_permute(data, config["num_key_value_heads"])
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, data)
-        elif qtype == gguf.GGMLQuantizationType.F16:
-            writer.add_tensor(name, data.astype(np.float16))
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        add_weight(writer, name, data, qtype)
+    return close_gguf(writer, path)
+
+
+def add_weight(writer: gguf.GGUFWriter, name: str, data: np.ndarray, qtype: gguf.GGMLQuantizationType) -> None:
+    """A weight as llama.cpp's converter stores it: 1-D in F32, 2-D in `qtype`."""
+    data = np.ascontiguousarray(data, dtype=np.float32)
+    if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(name, data)
+    elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(name, data.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+
+
+def close_gguf(writer: gguf.GGUFWriter, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -263,16 +272,8 @@ def make_tiny_family_gguf(path: str | Path, hf_dir: str | Path,
             data = llama_cpp_permute(data, kv_heads)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             data = data + 1.0
-        data = np.ascontiguousarray(data, dtype=np.float32)
-        if data.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(name, data)
-        else:
-            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        add_weight(writer, name, data, qtype)
+    return close_gguf(writer, path)
 
 
 def _gguf_tensor_name(hf_name: str, arch: str) -> str:

@@ -119,7 +119,7 @@ def run_workloads(base: str, args: argparse.Namespace, name: str, workloads: lis
     return results
 
 
-def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path, tag: str) -> dict:
+def median_runs(name: str, runs: dict[str, list[tuple[dict, list]]], plots: Path, tag: str = "") -> dict:
     """Per workload, the run with the median output tokens/s (the lower middle one of an even count), with
     its plot and every run's output tokens/s: this machine's speed drifts by 10-15% over minutes."""
     results = {}
