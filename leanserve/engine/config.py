@@ -41,7 +41,6 @@ class LayerSpec:
     sliding_window: int | None = None    # attends to the last `sliding_window` positions, its own included
 
 
-
 @dataclass
 class ModelConfig:
     """A decoder-only transformer: RMSNorm, rotary attention with GQA, a gated MLP; the family's options.
@@ -57,8 +56,8 @@ class ModelConfig:
     num_key_value_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: dict | None
+    rope_theta: float                     # the global (full-attention) layers' rotary embedding;
+    rope_scaling: dict | None             # `layers` holds each layer's own
     max_position_embeddings: int
     tie_word_embeddings: bool
     attention_bias: bool = False          # q/k/v projections with biases (Qwen2)
