@@ -221,9 +221,9 @@ def gguf_config(reader: gguf.GGUFReader, path: Path) -> ModelConfig:
     if vocab_size is None:
         raise ModelLoadError(f"{path}: vocabulary size unknown (no {arch}.vocab_size nor tokenizer.ggml.tokens)")
     layers = required("block_count")
-    names = {t.name for t in reader.tensors}
+    names = {t.name: t for t in reader.tensors}
     rope_theta = _gguf_float(reader, f"{arch}.rope.freq_base", 10000.0)
-    rope = Rope(rope_theta, _gguf_rope_scaling(reader, arch, path, head_dim, rope_theta))
+    rope = Rope(rope_theta, _gguf_rope_scaling(reader, names, arch, path, head_dim, rope_theta))
     gemma = arch in ("gemma2", "gemma3")
     window = value("attention.sliding_window")
     # llama.cpp's layouts, which the file does not spell out: Gemma 2 slides every other layer, Gemma 3
@@ -268,8 +268,8 @@ def _optional_float(reader: gguf.GGUFReader, key: str) -> float | None:
     return _gguf_float(reader, key, 0.0) if key in reader.fields else None
 
 
-def _gguf_rope_scaling(reader: gguf.GGUFReader, arch: str, path: Path, head_dim: int, theta: float) -> dict | None:
-    names = {t.name: t for t in reader.tensors}
+def _gguf_rope_scaling(reader: gguf.GGUFReader, names: dict[str, gguf.ReaderTensor], arch: str, path: Path,
+                       head_dim: int, theta: float) -> dict | None:
     if "rope_factors_long.weight" in names:
         # Phi-3's LongRoPE: per-frequency factors for short and long contexts.
         original = _gguf_field(reader, f"{arch}.rope.scaling.original_context_length")

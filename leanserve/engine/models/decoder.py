@@ -41,7 +41,8 @@ class RMSNorm(nn.Module):
 
 def rope_inverse_frequencies(rope: Rope, dim: int, long: bool = False) -> torch.Tensor:
     """HF's inverse frequencies of a rotary embedding (LongRoPE: its short factors, or with `long` its long ones)."""
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    powers = rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)
+    inv_freq = 1.0 / powers
     scaling = rope.scaling or {}
     kind = scaling.get("rope_type", "default")
     if kind == "default":
@@ -50,7 +51,7 @@ def rope_inverse_frequencies(rope: Rope, dim: int, long: bool = False) -> torch.
         return inv_freq / scaling["factor"]
     if kind == "longrope":
         factors = torch.tensor(scaling["long_factor" if long else "short_factor"], dtype=torch.float32)
-        return 1.0 / (factors * rope.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return 1.0 / (factors * powers)
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_context = scaling["original_max_position_embeddings"]
