@@ -179,7 +179,7 @@ def test_prefill_attention_on_long_segments(kernels, dtype, block_size, num_kv, 
     heads = num_kv * group
     q = torch.randn(len(batch.slots), heads, head_dim, generator=batch.generator)
     out = torch.zeros_like(q)
-    kernels.prefill_attention(q, batch.k_cache, batch.v_cache, batch.plan(kernels, heads), head_dim ** -0.5, out)
+    kernels.paged_attention(q, batch.k_cache, batch.v_cache, batch.plan(kernels, heads), head_dim ** -0.5, out)
     for start, (cached, new), k, v in zip(batch.starts, shapes, batch.keys, batch.values):
         expected = attention_reference(q[start:start + new], batch.rounded(k), batch.rounded(v))
         got = out[start:start + new].double()
@@ -263,7 +263,7 @@ def test_prefill_attention_with_window_and_softcap(kernels, window, softcap, dty
     scale = head_dim ** -0.5
     options = AttentionOptions(scale, window, softcap)
     plan = batch.plan(kernels, heads, batch_invariant=True, windows=[window or 0])    # the decode row too
-    kernels.prefill_attention(q, batch.k_cache, batch.v_cache, plan, scale, out, softcap=softcap, window=window)
+    kernels.paged_attention(q, batch.k_cache, batch.v_cache, plan, scale, out, softcap=softcap, window=window)
     for start, (cached, new), k, v in zip(batch.starts, shapes, batch.keys, batch.values):
         rows = slice(start, start + new)
         expected = attention_reference(q[rows], batch.rounded(k), batch.rounded(v), options)
@@ -273,13 +273,16 @@ def test_prefill_attention_with_window_and_softcap(kernels, window, softcap, dty
             assert relative_error(out[rows], plain) > 1e-2, f"segment at row {start}"
 
 
-@pytest.mark.parametrize("window,softcap", [(5, 2.0), (33, None), (None, 2.0)], ids=["w5-cap2", "w33", "cap2"])
-def test_windowed_prefill_is_batch_invariant(kernels, window, softcap):
-    """One sequence's 80 tokens, with 3 query heads a KV head, prefilled whole, in two chunks, and
-    token by token through a batch-invariant plan, each time beside another prompt: every token's
-    output the same bits each way, though its rows sit in other items that start at other key blocks."""
-    heads, num_kv, d, total = 6, 2, 64, 80
-    batch = PagedBatch([(0, total), (0, 23)], 16, num_kv, d, torch.float32, seed=7)
+@pytest.mark.parametrize("window,softcap", [(None, None), (5, 2.0), (33, None), (None, 2.0)],
+                         ids=["full", "w5-cap2", "w33", "cap2"])
+@pytest.mark.parametrize("heads,num_kv,d,dtype", [(6, 2, 64, torch.float32), (14, 2, 64, torch.float16),
+                                                  (4, 1, 256, torch.bfloat16)], ids=["g3", "g7-f16", "g4-d256-bf16"])
+def test_attention_is_batch_invariant(kernels, window, softcap, heads, num_kv, d, dtype):
+    """One sequence's 80 tokens prefilled whole, in two chunks, and token by token (decode rows, through
+    invariant_decode) in batch-invariant plans, each time beside another prompt: every token's output
+    the same bits each way, though its rows sit in other items that start at other key blocks."""
+    total = 80
+    batch = PagedBatch([(0, total), (0, 23)], 16, num_kv, d, dtype, seed=7)
     batch.write()
     table, other = batch.tables
     q = torch.randn(total, heads, d, generator=batch.generator)
@@ -297,13 +300,14 @@ def test_windowed_prefill_is_batch_invariant(kernels, window, softcap):
         slots = torch.zeros(sum(lens), dtype=torch.long)              # unused: the cache holds every key
         plan = kernels.StepPlan(starts, lens, contexts, tables, slots, 16, heads, num_kv, 128, True, [window or 0])
         out = torch.zeros(sum(lens), heads, d)
-        kernels.prefill_attention(torch.cat(queries), batch.k_cache, batch.v_cache, plan, d ** -0.5, out,
-                                  softcap=softcap, window=window)
+        kernels.paged_attention(torch.cat(queries), batch.k_cache, batch.v_cache, plan, d ** -0.5, out,
+                                softcap=softcap, window=window)
         return out[:sum(lens[:-1])]
 
     whole = run([(0, total)])
     options = AttentionOptions(d ** -0.5, window, softcap)
-    assert relative_error(whole, attention_reference(q, batch.keys[0], batch.values[0], options)) < 1e-5
+    expected = attention_reference(q, batch.rounded(batch.keys[0]), batch.rounded(batch.values[0]), options)
+    assert relative_error(whole, expected) < 1e-5
     assert torch.equal(run([(0, 37), (37, total - 37)]), whole)
     assert torch.equal(run([(p, 1) for p in range(total)]), whole)
 
@@ -362,6 +366,11 @@ def test_plan_counts_tiles_and_items(kernels):
     assert [windowed.num_tiles_of(w) for w in (0, 5, 200)] == [3, 1, 2]    # from the window's edge
     with pytest.raises(RuntimeError, match="planned without window 7"):
         windowed.num_tiles_of(7)
+    invariant = kernels.StepPlan([0, 1], [1, 50], [300, 50], [list(range(19)), list(range(4))],
+                                 torch.zeros(51, dtype=torch.long), 16, 6, 2, 128, True)
+    assert (invariant.num_decode_rows, invariant.num_prefill_items) == (1, plan.num_prefill_items)
+    with pytest.raises(RuntimeError, match="no lean attention tiles"):
+        invariant.num_tiles_of(0)
 
 
 def test_plan_rejects_a_block_table_short_of_the_context(kernels):

@@ -55,9 +55,10 @@ struct AttentionOptions {
 // A step's batch as attention sees it, worked out once per step and shared by every layer.
 // A row with one new token is a decode row (lean attention); a row with more is a prefill segment.
 // The decode rows' tiles are planned once for each window the step's layers use (0: full attention).
-// Batch-invariant plans make every row a prefill segment: a token's attention is then the same sums
-// in the same order whether it is decoded, prefilled in one piece or in chunks, or recomputed after
-// preemption (lean attention's tiles and merge compute the same values in another order).
+// Batch-invariant plans send the decode rows through invariant_decode instead, which sums what
+// prefill_item sums in its order: a token's attention is then the same bits whether it is decoded,
+// prefilled in one piece or in chunks, or recomputed after preemption (lean attention's tiles and
+// merge compute the same values in another order).
 struct StepPlan {
   struct Tile { int64_t seq, start, end; };                 // decode sequence, tokens [start, end)
   struct Segment { int64_t start, q_len, context; const int64_t* table; };
@@ -74,6 +75,7 @@ struct StepPlan {
   std::vector<int64_t> tables;               // every sequence's block table, back to back
   std::vector<int64_t> decode_rows, decode_contexts;
   std::vector<const int64_t*> decode_tables;
+  std::vector<int64_t> decode_order;         // batch-invariant plans: the decode rows, longest context first
   std::vector<TileSet> tile_sets;            // one a window
   std::vector<Segment> segments;
   std::vector<Item> items;                   // longest first
@@ -103,7 +105,7 @@ struct StepPlan {
       TORCH_CHECK(static_cast<int64_t>(block_tables[s].size()) * block_size >= context,
                   "a sequence's block table must cover its context");
       const int64_t* table = tables.data() + offsets[s];
-      if (q_len == 1 && !batch_invariant) {
+      if (q_len == 1) {
         decode_rows.push_back(query_starts[s]);
         decode_contexts.push_back(context);
         decode_tables.push_back(table);
@@ -117,6 +119,12 @@ struct StepPlan {
       }
     }
     std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+    if (batch_invariant) {
+      for (size_t b = 0; b < decode_rows.size(); ++b) decode_order.push_back(static_cast<int64_t>(b));
+      std::stable_sort(decode_order.begin(), decode_order.end(),
+                       [&](int64_t a, int64_t b) { return decode_contexts[a] > decode_contexts[b]; });
+      return;
+    }
     for (const int64_t window : windows) {
       TORCH_CHECK(window >= 0, "a window is positive, or 0 for none");
       TileSet set{window, {}, {0}};
@@ -133,7 +141,8 @@ struct StepPlan {
   const TileSet& tiles_of(int64_t window) const {
     for (const TileSet& set : tile_sets)
       if (set.window == window) return set;
-    TORCH_CHECK(false, "the step was planned without window ", window);
+    TORCH_CHECK(false, batch_invariant ? "a batch-invariant plan has no lean attention tiles"
+                                       : "the step was planned without window ", window);
   }
 };
 
@@ -172,37 +181,59 @@ inline void softmax_rows(float* scores, int64_t heads, int64_t n, float* lse) {
   }
 }
 
-// out[j] (DC vectors) = sum_t p[j n + t] v_t for HC query heads j of one KV head, the outputs held in
-// registers while the tokens pass; v_t at v + rows[t].
+// out[j] (DC vectors) = sum_t p[j stride + t] v_t for HC query heads j of one KV head, t in order, the
+// outputs held in registers while the tokens pass; v_t at v + rows[t]. With alpha, out[j] starts as
+// alpha[j] out[j] (the online softmax's rescaling), else as 0.
 template <typename T, int DC, int HC>
-inline void weigh_values(const T* v, const int64_t* rows, int64_t n, const float* p, float* out, int64_t dim) {
+inline void weigh_values(const T* v, const int64_t* rows, int64_t n, const float* p, int64_t stride,
+                         const float* alpha, float* out, int64_t dim) {
   simd::Vec acc[HC][DC];
   for (int j = 0; j < HC; ++j)
-    for (int i = 0; i < DC; ++i) acc[j][i] = simd::zero();
+    for (int i = 0; i < DC; ++i)
+      acc[j][i] = alpha ? simd::mul(simd::load(out + j * dim + simd::kLanes * i), simd::set1(alpha[j])) : simd::zero();
   for (int64_t t = 0; t < n; ++t) {
     simd::Vec vv[DC];
     for (int i = 0; i < DC; ++i) vv[i] = simd::load(v + rows[t] + simd::kLanes * i);
     for (int j = 0; j < HC; ++j) {
-      const simd::Vec w = simd::set1(p[j * n + t]);
-      for (int i = 0; i < DC; ++i) acc[j][i] = simd::fmadd(w, vv[i], acc[j][i]);
+      const simd::Vec w = simd::set1(p[j * stride + t]);
+      for (int i = 0; i < DC; ++i) acc[j][i] = simd::fmadd(vv[i], w, acc[j][i]);
     }
   }
   for (int j = 0; j < HC; ++j)
     for (int i = 0; i < DC; ++i) simd::store(out + j * dim + simd::kLanes * i, acc[j][i]);
 }
 
-template <typename T, int DC>
-inline void weigh_values_heads(const T* v, const int64_t* rows, int64_t n, const float* p, float* out, int64_t dim,
-                               int64_t heads) {
+// Calls f(h, std::integral_constant<int, HC>) for the heads [h, h + HC) of `heads`, in chunks of as many
+// as the registers hold (4 with 32 registers, 2 with 16).
+template <typename F>
+inline void for_head_chunks(int64_t heads, F&& f) {
   constexpr int64_t kHeads = simd::kRegisters == 32 ? 4 : 2;
   for (int64_t h = 0; h < heads; h += kHeads) {
     const int64_t hc = std::min(kHeads, heads - h);
-    const float* ph = p + h * n;
-    float* oh = out + h * dim;
-    if (hc == 4) weigh_values<T, DC, 4>(v, rows, n, ph, oh, dim);
-    else if (hc == 3) weigh_values<T, DC, 3>(v, rows, n, ph, oh, dim);
-    else if (hc == 2) weigh_values<T, DC, 2>(v, rows, n, ph, oh, dim);
-    else weigh_values<T, DC, 1>(v, rows, n, ph, oh, dim);
+    if (hc == 4) f(h, std::integral_constant<int, 4>());
+    else if (hc == 3) f(h, std::integral_constant<int, 3>());
+    else if (hc == 2) f(h, std::integral_constant<int, 2>());
+    else f(h, std::integral_constant<int, 1>());
+  }
+}
+
+// weigh_values for `heads` query heads of one KV head over all dim entries (v, out at the head's start).
+template <typename T>
+void weigh_all_values(const T* v, const int64_t* rows, int64_t n, const float* p, int64_t stride, const float* alpha,
+                      float* out, int64_t dim, int64_t heads) {
+  const int64_t vecs = dim / simd::kLanes;
+  for (int64_t c = 0; c < vecs;) {
+    const int64_t dc = vecs - c >= 4 ? 4 : vecs - c >= 2 ? 2 : 1;
+    for_head_chunks(heads, [&](int64_t h, auto hc) {
+      constexpr int HC = decltype(hc)::value;
+      const float* a = alpha ? alpha + h : nullptr;
+      float* o = out + h * dim + simd::kLanes * c;
+      const T* vc = v + simd::kLanes * c;
+      if (dc == 4) weigh_values<T, 4, HC>(vc, rows, n, p + h * stride, stride, a, o, dim);
+      else if (dc == 2) weigh_values<T, 2, HC>(vc, rows, n, p + h * stride, stride, a, o, dim);
+      else weigh_values<T, 1, HC>(vc, rows, n, p + h * stride, stride, a, o, dim);
+    });
+    c += dc;
   }
 }
 
@@ -257,23 +288,9 @@ void attend_tile(const float* q, const T* k_cache, const T* v_cache, const int64
   if (softcap > 0)
     for_vectors(heads * n, [&](int64_t i, int m) { store_n(scores + i, soft_cap(load_n(scores + i, m), softcap), m); });
   softmax_rows(scores, heads, n, lse);
-  for (int64_t g = 0; g < kv_heads; ++g) {
-    for (int64_t c = 0; c < vecs;) {
-      const T* v = v_cache + g * dim + L * c;
-      const float* p = scores + g * groups * n;
-      float* o = out + g * groups * dim + L * c;
-      if (vecs - c >= 4) {
-        weigh_values_heads<T, 4>(v, rows, n, p, o, dim, groups);
-        c += 4;
-      } else if (vecs - c >= 2) {
-        weigh_values_heads<T, 2>(v, rows, n, p, o, dim, groups);
-        c += 2;
-      } else {
-        weigh_values_heads<T, 1>(v, rows, n, p, o, dim, groups);
-        c += 1;
-      }
-    }
-  }
+  for (int64_t g = 0; g < kv_heads; ++g)
+    weigh_all_values(v_cache + g * dim, rows, n, scores + g * groups * n, n, nullptr, out + g * groups * dim, dim,
+                     groups);
 }
 
 // attend_tile with the widest key chunk (8, 4, 2 or 1 vectors) that divides the head's vectors.
@@ -484,6 +501,150 @@ void prefill_attention(const StepPlan& plan, const AttentionOptions& options, co
   }
 }
 
+// ------------------------------------------------------------------------- batch-invariant decode
+
+// A decode row's attention with prefill_item's arithmetic, lane for lane, but laid out for one token
+// (prefill_item would fill G of its lanes with the G query heads of a KV head): per KV head, key
+// blocks of kKeys aligned to position 0 (from its window's first block), each score summed over d in
+// order with the block's keys transposed so that they lie along the lanes, the online softmax per
+// block with the probabilities summed in key order, and the outputs, dims along the lanes, summed over
+// the block's keys in order. Every step is the same operation on the same operands as in prefill_item,
+// so a token gets the same bits decoded as prefilled.
+
+// kt [D, kKeys]: kt[d kKeys + j] = entry d of key j, the keys at cache + rows[j], j < n <= kKeys (the
+// lanes past n repeat the last key).
+template <typename T>
+void gather_transposed(const T* cache, const int64_t* rows, int64_t n, int64_t dim, float* kt) {
+  constexpr int64_t L = simd::kLanes;
+  for (int64_t j0 = 0; j0 < kKeys; j0 += L)
+    for (int64_t c = 0; c < dim; c += L) {
+      simd::Vec t[L];
+      for (int64_t i = 0; i < L; ++i) t[i] = simd::load(cache + rows[std::min(j0 + i, n - 1)] + c);
+      simd::transpose(t);
+      for (int64_t i = 0; i < L; ++i) simd::store(kt + (c + i) * kKeys + j0, t[i]);
+    }
+}
+
+// scores [HC, kKeys] of HC query heads (q, rows of dim) against the keys kt: prefill_item's score loop.
+template <int HC>
+void block_scores(const float* kt, const float* q, int64_t dim, float* scores) {
+  constexpr int64_t L = simd::kLanes, KV = kKeys / L;
+  simd::Vec acc[HC][KV];
+  for (int h = 0; h < HC; ++h)
+    for (int v = 0; v < KV; ++v) acc[h][v] = simd::zero();
+  for (int64_t d = 0; d < dim; ++d) {
+    simd::Vec keys[KV];
+    for (int v = 0; v < KV; ++v) keys[v] = simd::load(kt + d * kKeys + L * v);
+    for (int h = 0; h < HC; ++h) {
+      const simd::Vec qd = simd::set1(q[h * dim + d]);
+      for (int v = 0; v < KV; ++v) acc[h][v] = simd::fmadd(qd, keys[v], acc[h][v]);
+    }
+  }
+  for (int h = 0; h < HC; ++h)
+    for (int v = 0; v < KV; ++v) simd::store(scores + h * kKeys + L * v, acc[h][v]);
+}
+
+inline float first_lane(simd::Vec x) {
+  alignas(64) float lanes[simd::kLanes];
+  simd::store(lanes, x);
+  return lanes[0];
+}
+
+// The plan's decode rows, batch-invariant: q [T, H, D] float32 (scaled already); writes their rows of out.
+// A work item is one decode row's KV head, longest context first over the threads.
+template <typename T>
+void invariant_decode(const StepPlan& plan, const AttentionOptions& options, const float* q, const T* k_cache,
+                      const T* v_cache, int64_t dim, float* out) {
+  constexpr int64_t L = simd::kLanes;
+  const int64_t heads = plan.heads, kv_heads = plan.kv_heads, groups = heads / kv_heads, row = kv_heads * dim;
+  const int64_t items = static_cast<int64_t>(plan.decode_order.size()) * kv_heads, window = options.window;
+  if (items == 0) return;
+#pragma omp parallel num_threads(at::get_num_threads())
+  {
+    std::vector<float> kt(dim * kKeys), scores(groups * kKeys), o(groups * dim), row_max(groups), row_sum(groups),
+        alpha(groups);
+    int64_t row_buffer[2][kKeys];
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t b = plan.decode_order[item / kv_heads], g = item % kv_heads;
+      const int64_t context = plan.decode_contexts[b], pos = context - 1, block_size = plan.block_size;
+      const int64_t* table = plan.decode_tables[b];
+      const float* qg = q + (plan.decode_rows[b] * heads + g * groups) * dim;
+      std::fill(o.begin(), o.end(), 0.f);
+      std::fill(row_max.begin(), row_max.end(), std::numeric_limits<float>::lowest());
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      // The rows of the key block at k0 into rows; those of the next block are fetched one block early.
+      auto block_rows = [&](int64_t k0, int64_t* rows) {
+        for (int64_t j = 0, block = k0 / block_size, offset = k0 % block_size; j < std::min(kKeys, context - k0); ++j) {
+          rows[j] = (table[block] * block_size + offset) * row + g * dim;
+          if (++offset == block_size) offset = 0, ++block;
+        }
+      };
+      const int64_t begin = window ? std::max<int64_t>(0, pos - window + 1) / kKeys * kKeys : 0;
+      block_rows(begin, row_buffer[0]);
+      for (int64_t k0 = begin, turn = 0; k0 < context; k0 += kKeys, turn ^= 1) {
+        const int64_t n = std::min(kKeys, context - k0);
+        const int64_t first = window ? std::max<int64_t>(0, pos - window + 1 - k0) : 0;   // the first key in the window
+        const int64_t* rows = row_buffer[turn];
+        if (k0 + kKeys < context) {
+          int64_t* next = row_buffer[turn ^ 1];
+          block_rows(k0 + kKeys, next);
+          for (int64_t j = 0; j < std::min(kKeys, context - k0 - kKeys); ++j)
+            for (int64_t i = 0; i < dim; i += 64 / static_cast<int64_t>(sizeof(T))) {
+              simd::prefetch(k_cache + next[j] + i);
+              simd::prefetch(v_cache + next[j] + i);
+            }
+        }
+        gather_transposed(k_cache, rows, n, dim, kt.data());
+        for_head_chunks(groups, [&](int64_t h, auto hc) {
+          block_scores<decltype(hc)::value>(kt.data(), qg + h * dim, dim, scores.data() + h * kKeys);
+        });
+        // The keys outside [first, n) take no part in the max and get probability 0.
+        for (int64_t h = 0; h < groups; ++h) {
+          float* s = scores.data() + h * kKeys;
+          simd::Vec top = simd::set1(row_max[h]);
+          for (int64_t v = 0; v < kKeys; v += L) {
+            simd::Vec x = simd::load(s + v);
+            if (options.softcap > 0) x = soft_cap(x, options.softcap);
+            simd::store(s + v, x);
+          }
+          for (int64_t j = 0; j < kKeys; ++j)
+            if (j < first || j >= n) s[j] = std::numeric_limits<float>::lowest();
+          for (int64_t v = 0; v < kKeys; v += L) top = simd::max(top, simd::load(s + v));
+          const float m = simd::reduce_max(top);
+          for (int64_t v = 0; v < kKeys; v += L) simd::store(s + v, simd::exp(simd::sub(simd::load(s + v), simd::set1(m))));
+          for (int64_t j = 0; j < kKeys; ++j)
+            if (j < first || j >= n) s[j] = 0.f;
+          alpha[h] = first_lane(simd::exp(simd::set1(row_max[h] - m)));
+          row_max[h] = m;
+        }
+        for (int64_t h = 0; h < groups; h += 4) {          // each head's sum in key order, 4 heads side by side
+          const float* s = scores.data() + h * kKeys;
+          float sum[4] = {0.f, 0.f, 0.f, 0.f};
+          for (int64_t j = 0; j < n; ++j)
+            for (int i = 0; i < 4; ++i) sum[i] += s[std::min<int64_t>(i, groups - 1 - h) * kKeys + j];
+          for (int64_t i = 0; i < std::min<int64_t>(4, groups - h); ++i)
+            row_sum[h + i] = first_lane(simd::fmadd(simd::set1(row_sum[h + i]), simd::set1(alpha[h + i]), simd::set1(sum[i])));
+        }
+        weigh_all_values(v_cache, rows, n, scores.data(), kKeys, alpha.data(), o.data(), dim, groups);
+      }
+      for (int64_t h = 0; h < groups; ++h) {
+        const float inverse = first_lane(simd::div(simd::set1(1.f), simd::set1(row_sum[h])));
+        float* dst = out + (plan.decode_rows[b] * heads + g * groups + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) dst[d] = o[h * dim + d] * inverse;
+      }
+    }
+  }
+}
+
+// The plan's decode rows: batch-invariant, or by lean attention.
+template <typename T>
+void decode_attention(StepPlan& plan, const AttentionOptions& options, const float* q, const T* k_cache,
+                      const T* v_cache, int64_t dim, float* out) {
+  if (plan.batch_invariant) invariant_decode<T>(plan, options, q, k_cache, v_cache, dim, out);
+  else lean_decode<T>(plan, options, q, k_cache, v_cache, dim, out);
+}
+
 // -------------------------------------------------------------------------------- the attention step
 
 // What happens to a step's q, k and v heads before the rotation: the projection's biases (Qwen2) and
@@ -563,8 +724,8 @@ void with_cache_type(at::ScalarType type, F&& f) {
 }
 
 // One layer's attention for the step, on float32 activations: biases and q/k norms, the rotary
-// embedding, the new keys and values into the cache, prefill attention for the segments and lean
-// attention for the decode rows. qkv [T, (H + 2 Hkv) D]; returns [T, H D].
+// embedding, the new keys and values into the cache, prefill attention for the segments and
+// decode_attention for the decode rows. qkv [T, (H + 2 Hkv) D]; returns [T, H D].
 inline at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
                                  const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan,
                                  const AttentionOptions& options, const HeadPrep& prep = {}) {
@@ -577,7 +738,7 @@ inline at::Tensor attention_step(const at::Tensor& qkv, const at::Tensor& cos, c
     T* vd = static_cast<T*>(v_cache.data_ptr());
     write_rotated<T>(x.data_ptr<float>(), c.data_ptr<float>(), s.data_ptr<float>(), plan.slots.data_ptr<int64_t>(), rows,
                      heads, plan.kv_heads, dim, prep, options.scale, q.data_ptr<float>(), kd, vd);
-    lean_decode<T>(plan, options, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
+    decode_attention<T>(plan, options, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
     prefill_attention<T>(plan, options, q.data_ptr<float>(), kd, vd, dim, out.data_ptr<float>());
   });
   return out.view({rows, heads * dim});

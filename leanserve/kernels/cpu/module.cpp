@@ -57,8 +57,9 @@ at::Tensor checked_lean_decode(const at::Tensor& q, const at::Tensor& k_cache, c
 }
 
 // q [T, H, D] float32 of the plan's rows; every key and value (the step's own too) already in the cache.
-// Causal attention of the plan's prefill segments: writes their rows of out [T, H, D].
-void checked_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan,
+// Causal attention of all the plan's rows (its decode rows and prefill segments, as attention_step
+// computes them): writes them into out [T, H, D].
+void checked_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, StepPlan& plan,
                                double scale, at::Tensor out, const std::optional<double>& softcap,
                                const std::optional<int64_t>& window) {
   const AttentionOptions options = attention_options(scale, softcap, window);
@@ -69,8 +70,10 @@ void checked_prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, c
   py::gil_scoped_release no_gil;
   with_cache_type(k_cache.scalar_type(), [&](auto* type) {
     using T = std::remove_pointer_t<decltype(type)>;
-    prefill_attention<T>(plan, options, qf.data_ptr<float>(), static_cast<const T*>(k_cache.data_ptr()),
-                         static_cast<const T*>(v_cache.data_ptr()), q.size(2), out.data_ptr<float>());
+    const T* kd = static_cast<const T*>(k_cache.data_ptr());
+    const T* vd = static_cast<const T*>(v_cache.data_ptr());
+    decode_attention<T>(plan, options, qf.data_ptr<float>(), kd, vd, q.size(2), out.data_ptr<float>());
+    prefill_attention<T>(plan, options, qf.data_ptr<float>(), kd, vd, q.size(2), out.data_ptr<float>());
   });
 }
 
@@ -127,7 +130,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("lean_attention_decode", &checked_lean_decode, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("tile"), py::arg("scale"), py::kw_only(),
         py::arg("softcap") = py::none(), py::arg("window") = py::none());
-  m.def("prefill_attention", &checked_prefill_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+  m.def("paged_attention", &checked_paged_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
         py::arg("plan"), py::arg("scale"), py::arg("out"), py::kw_only(), py::arg("softcap") = py::none(),
         py::arg("window") = py::none());
   m.def("attention_step", &checked_attention_step, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"),
@@ -144,7 +147,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def_property_readonly("num_tiles", [](const StepPlan& p) { return p.tile_sets.at(0).tiles.size(); })
       .def("num_tiles_of", [](const StepPlan& p, int64_t window) { return p.tiles_of(window).tiles.size(); },
            py::arg("window"))
-      .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); });
+      .def_property_readonly("num_prefill_items", [](const StepPlan& p) { return p.items.size(); })
+      .def_property_readonly("num_decode_rows", [](const StepPlan& p) { return p.decode_rows.size(); });
   py::class_<Linear>(m, "Linear", py::module_local())
       .def_static("quantized", &Linear::quantized, py::arg("packed"), py::arg("scales_mins"), py::arg("group"),
                   py::arg("out_features"))

@@ -5,7 +5,8 @@
 // pick the implementation (cpu_kernels.py builds one module per level).
 //
 //   Vec    kLanes floats           load/store from float, float16 and bfloat16 (stores round to
-//                                  nearest even, as torch's casts do), fmadd, max, reductions, exp, tanh
+//                                  nearest even, as torch's casts do), fmadd, max, reductions, exp, tanh,
+//                                  transpose (kLanes vectors)
 //   Ints   kLanes int32 lanes      integer dot products (dot_int4, dot_int8)
 //   Bytes  4 kLanes bytes          4 bytes per int32 lane: the weights the dots multiply
 //
@@ -25,6 +26,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 
 #if defined(LEANSERVE_PORTABLE)
 // the portable build: no intrinsics, whatever the compiler targets
@@ -109,6 +111,32 @@ inline Vec sum_lanes(const Vec* v) {
   const Vec c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x44), _mm512_shuffle_f32x4(b[0], b[1], 0xEE));
   const Vec c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x44), _mm512_shuffle_f32x4(b[2], b[3], 0xEE));
   return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+}
+
+// v[i] lane j becomes v[j] lane i (a 16 x 16 transpose): interleave pairs, then pairs of pairs, then
+// 128-bit quarters.
+inline void transpose(Vec* v) {
+  Vec t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  auto pd = [](Vec x) { return _mm512_castps_pd(x); };
+  Vec u[16];                // u[4 i + k], quarter l: column 4 l + k of rows 4 i .. 4 i + 3
+  for (int i = 0; i < 4; ++i) {
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i]), pd(t[4 * i + 2])));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * i + 1]), pd(t[4 * i + 3])));
+  }
+  for (int k = 0; k < 4; ++k) {
+    const Vec x0 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0x88), x1 = _mm512_shuffle_f32x4(u[k], u[4 + k], 0xDD);
+    const Vec y0 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0x88), y1 = _mm512_shuffle_f32x4(u[8 + k], u[12 + k], 0xDD);
+    v[k] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    v[k + 4] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    v[k + 8] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    v[k + 12] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
 }
 
 inline Bytes load_bytes(const uint8_t* p) { return _mm512_loadu_si512(p); }
@@ -210,6 +238,25 @@ inline Vec sum_lanes(const Vec* v) {     // 8 horizontal sums: pairwise hadds, t
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// v[i] lane j becomes v[j] lane i (an 8 x 8 transpose).
+inline void transpose(Vec* v) {
+  Vec t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {          // u[4 i + k], half l: column 4 l + k of rows 4 i .. 4 i + 3
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int k = 0; k < 4; ++k) {
+    v[k] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x20);
+    v[k + 4] = _mm256_permute2f128_ps(u[k], u[4 + k], 0x31);
+  }
+}
+
 inline Bytes load_bytes(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 inline Bytes low_nibbles(Bytes b) { return _mm256_and_si256(b, _mm256_set1_epi8(0x0F)); }
 inline Bytes high_nibbles(Bytes b) { return _mm256_and_si256(_mm256_srli_epi16(b, 4), _mm256_set1_epi8(0x0F)); }
@@ -287,6 +334,10 @@ inline float reduce_max(Vec a) {
   return m;
 }
 inline Vec sum_lanes(const Vec* v) { return each([&](int i) { return reduce_add(v[i]); }); }
+inline void transpose(Vec* v) {
+  for (int i = 0; i < kLanes; ++i)
+    for (int j = i + 1; j < kLanes; ++j) std::swap(v[i].v[j], v[j].v[i]);
+}
 
 inline Bytes load_bytes(const uint8_t* p) {
   Bytes b;
