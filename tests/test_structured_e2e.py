@@ -138,6 +138,26 @@ def test_streamed_tool_call_reassembled_by_the_client(client):
     Weather.model_validate_json(arguments)
 
 
+def test_auto_tool_choice_gives_prose_or_well_formed_calls(client):
+    """tool_choice "auto", 12 seeded sampled replies: each is prose, or calls whose arguments follow the tool's
+    schema; a call the model began but did not finish well would come back as content holding the tag."""
+    kinds = set()
+    ask = [{"role": "user", "content": "Call the get_weather function for Paris."}]
+    for seed in range(12):
+        choice = client.chat.completions.create(model="smollm2", messages=ask, tools=[WEATHER_TOOL],
+                                                tool_choice="auto", max_tokens=80, temperature=0.7, seed=seed,
+                                                parallel_tool_calls=False).choices[0]
+        if choice.message.tool_calls:
+            kinds.add("call")
+            [call] = choice.message.tool_calls
+            assert choice.finish_reason == "tool_calls" and call.function.name == "get_weather"
+            Weather.model_validate_json(call.function.arguments)
+        elif choice.finish_reason == "stop":      # (a reply cut at max_tokens may stop inside a call)
+            kinds.add("prose")
+            assert "<tool_call>" not in (choice.message.content or ""), choice.message.content
+    assert "call" in kinds, "the model never called the tool: the check above saw no call"
+
+
 def test_tool_choice_none_answers_in_prose(client):
     reply = client.chat.completions.create(model="smollm2", messages=WEATHER_ASK, tools=[WEATHER_TOOL],
                                            tool_choice="none", max_tokens=20, temperature=0)

@@ -130,7 +130,7 @@ class NativeExecutor:
 
     def describe(self) -> dict[str, str]:
         isa = self.kernels.ISA
-        attention = ("flash attention for every token (batch-invariant)" if self.batch_invariant
+        attention = ("flash attention's arithmetic for every token (batch-invariant)" if self.batch_invariant
                      else "lean attention (decode), flash attention (prefill)")
         return {"executor": f"native ({isa})",
                 "linear": f"native {isa}: int4/int8 blocks as stored, 16-bit activations",

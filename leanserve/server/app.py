@@ -150,11 +150,13 @@ def create_app(llm: AsyncLLM, config: ServerConfig) -> FastAPI:
         top = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens, top)
         parser = tool_parser() if body.offered_tools() else None
-        if body.forces_tool_call:
-            if params.structured_outputs is not None:
-                raise APIError(400, "a forced tool call (tool_choice) cannot be combined with a structured output",
-                               param="tool_choice")
-            grammar = parser.call_grammar([t["function"] for t in body.offered_tools()], body.parallel_tool_calls)
+        if body.forces_tool_call and params.structured_outputs is not None:
+            raise APIError(400, "a forced tool call (tool_choice) cannot be combined with a structured output",
+                           param="tool_choice")
+        if parser and params.structured_outputs is None:      # tool_choice "auto" (lazy) or a forced call
+            functions = [t["function"] for t in body.offered_tools()]
+            grammar = (parser.call_grammar if body.forces_tool_call else parser.lazy_grammar)(
+                functions, body.parallel_tool_calls)
             params = dataclasses.replace(params, structured_outputs=StructuredOutputs(grammar=grammar))
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
         tracker = metrics.track(len(token_ids))

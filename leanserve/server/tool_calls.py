@@ -49,14 +49,36 @@ class ToolCallParser:
         return self.start_tag + json.dumps({"name": name, self.arguments_key: arguments}) + self.end_tag
 
     def call_grammar(self, functions: list[dict], parallel: bool) -> str:
-        """A Lark grammar (llguidance) of one call, or one or more if parallel, to one of these functions."""
+        """A Lark grammar (llguidance) of one call, or one or more if parallel, to one of these functions:
+        what tool_choice "required" or a named function enforces."""
+        more = f'({json.dumps(self.separator)} call)*' if parallel else ""
+        return f"start: call {more}\n" + self._call_rules(functions, self.start_tag)
+
+    def lazy_grammar(self, functions: list[dict], parallel: bool) -> str:
+        """tool_choice "auto": any reply, but once it begins a call (the start tag; for a syntax without one, a
+        reply that opens with "{"), a well-formed call to one of these functions, then only more calls if
+        parallel, else the end. With a start tag, its lexeme is lazy (llguidance): it ends at the tag's first
+        occurrence, and the call is enforced from there on."""
+        if not self.start_tag:
+            more = f'({json.dumps(self.separator)} call)*' if parallel else ""
+            return (f"start: PROSE | call {more}\n" + r'PROSE: /\s*([^{\s](.|\n)*)?/' + "\n"
+                    + self._call_rules(functions, ""))
+        tag = self.start_tag.strip()
+        return (f"start: TEXT | head call {'(NEXT call)* ' if parallel else ''}END\n"
+                f"head[lazy]: TEXT {json.dumps(tag)}\n"
+                + r"TEXT: /(.|\n)*/" + "\n"
+                + r"NEXT: /\s*/ " + json.dumps(tag) + "\n"
+                + r"END: /\s*/" + "\n"
+                + self._call_rules(functions, self.start_tag[self.start_tag.index(tag) + len(tag):]))
+
+    def _call_rules(self, functions: list[dict], opening: str) -> str:
+        """The rule `call`: opening, a JSON object naming one of the functions with arguments that follow its
+        parameters' schema, the end tag."""
         schema = {"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}, "anyOf": [{
             "type": "object", "additionalProperties": False, "required": ["name", self.arguments_key],
             "properties": {"name": {"const": f["name"]},
                            self.arguments_key: f.get("parameters") or {"type": "object"}}} for f in functions]}
-        more = f'({json.dumps(self.separator)} call)*' if parallel else ""
-        return (f"start: call {more}\n"
-                f"call: {json.dumps(self.start_tag) + ' ' if self.start_tag else ''}body"
+        return (f"call: {json.dumps(opening) + ' ' if opening else ''}body"
                 f"{' ' + json.dumps(self.end_tag) if self.end_tag else ''}\n"
                 f"body: %json {json.dumps(schema)}\n")
 

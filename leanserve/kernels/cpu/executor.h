@@ -134,7 +134,7 @@ class Executor {
   int64_t heads_, kv_heads_, head_dim_;
   double eps_;
   int64_t tile_;
-  bool batch_invariant_;      // every row through the prefill kernel (StepPlan)
+  bool batch_invariant_;      // decode rows with the prefill kernel's arithmetic (StepPlan)
   double scale_, attn_softcap_, final_softcap_;
   Activation activation_;
   std::vector<int64_t> windows_;   // the layers' distinct windows
