@@ -124,17 +124,24 @@ def _apply_token_masks(logits: torch.Tensor, requests: list[Request], masks: Tok
         return logits
     device, vocab_size = logits.device, logits.shape[1]
     at = {row: j for j, row in enumerate(rows)}
-    allowed = torch.ones(len(rows), vocab_size, dtype=torch.bool, device=device)
-    if masks is not None:
-        allowed[torch.tensor([at[r] for r in masks.rows], device=device)] = masks.allowed(vocab_size).to(device)
+    # 0 where a row's token stays possible, -inf where not, added to the rows' logits.
+    if masks is not None and masks.rows == rows:
+        penalty = masks.penalty(vocab_size).to(device, logits.dtype)
+    else:
+        penalty = torch.zeros(len(rows), vocab_size, dtype=logits.dtype, device=device)
+        if masks is not None:
+            penalty[torch.tensor([at[r] for r in masks.rows], device=device)] = masks.penalty(vocab_size).to(
+                device, logits.dtype)
     for i, token_ids in allowed_lists.items():
-        only = torch.zeros(vocab_size, dtype=torch.bool, device=device)
-        only[torch.tensor(token_ids, device=device)] = True
-        allowed[at[i]] &= only
+        only = torch.full((vocab_size,), float("-inf"), dtype=logits.dtype, device=device)
+        only[torch.tensor(token_ids, device=device)] = 0.0
+        penalty[at[i]] += only
     for i, token_ids in banned.items():
-        allowed[at[i], torch.tensor(token_ids, device=device)] = False
+        penalty[at[i], torch.tensor(token_ids, device=device)] = float("-inf")
+    if len(rows) == logits.shape[0]:
+        return logits + penalty
     row_index = torch.tensor(rows, device=device)
-    return logits.index_copy(0, row_index, torch.where(allowed, logits.index_select(0, row_index), float("-inf")))
+    return logits.index_copy(0, row_index, logits.index_select(0, row_index) + penalty)
 
 
 def _apply_logit_bias(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:

@@ -33,14 +33,16 @@ class TokenMasks:
     rows: list[int]
     bitmask: torch.Tensor
 
-    def allowed(self, vocab_size: int) -> torch.Tensor:
-        """[len(rows), vocab_size] bool: True where the token may come next (a byte's 8 bits at a time, from a
-        table: 20 times faster than shifting each word 32 ways)."""
-        table = _BYTE_BITS.index_select(0, self.bitmask.view(torch.uint8).flatten().int())
+    def penalty(self, vocab_size: int) -> torch.Tensor:
+        """[len(rows), vocab_size] float32: 0 where the token may come next, -inf where not, to add to the
+        logits (a byte's 8 bits at a time, from a table: 20 times faster than shifting each word 32 ways; and
+        adding it 6 times faster than torch.where on a boolean mask)."""
+        table = _BYTE_PENALTY.index_select(0, self.bitmask.view(torch.uint8).flatten().int())
         return table.view(len(self.rows), -1)[:, :vocab_size]
 
 
-_BYTE_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool()     # little-endian: bit i of byte b
+# little-endian: bit i of byte b is lane i of row b
+_BYTE_PENALTY = torch.where(((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool(), 0.0, float("-inf"))
 
 
 class GrammarCompiler:
@@ -105,12 +107,15 @@ class MaskFiller:
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
             return None
-        return self._pool.submit(self._fill, rows, [matchers[i] for i in rows])
+        # Allocated here, on the engine's thread: a torch op large enough to run in parallel on the worker thread
+        # would give that thread an OpenMP team of its own, and with more OpenMP threads than cores libgomp stops
+        # spinning at barriers (every later step's parallel regions then sleep and wake: 20-30% slower).
+        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
+        return self._pool.submit(self._fill, rows, [matchers[i] for i in rows], bitmask)
 
-    def _fill(self, rows: list[int], matchers: list[llguidance.LLMatcher]) -> TokenMasks:
+    def _fill(self, rows: list[int], matchers: list[llguidance.LLMatcher], bitmask: torch.Tensor) -> TokenMasks:
         # What llguidance.torch's fill_next_token_bitmask_par does; that module is not imported, since it runs
         # torch.compile at import, which imports Triton before TRITON_INTERPRET can be set.
-        bitmask = torch.full((len(rows), (self.vocab_size + 31) // 32), -1, dtype=torch.int32)
         self._executor.unsafe_compute_mask_ptr([(m, j) for j, m in enumerate(matchers)], bitmask.data_ptr(),
                                                bitmask.shape[1] * 4, len(rows))
         return TokenMasks(rows, bitmask)
