@@ -58,8 +58,12 @@ def test_streamed_in_any_pieces_gives_the_same_calls(case, cuts):
 
 @pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser()])
 @pytest.mark.parametrize("parallel", [False, True])
-def test_call_grammar_takes_calls_and_refuses_prose(parser, parallel, tiny_tokenizer_json):
-    grammar = llguidance.grammar_from("lark", parser.call_grammar([WEATHER, {"name": "noop"}], parallel))
+@pytest.mark.parametrize("lazy", [False, True], ids=["forced", "auto"])
+def test_call_grammars(parser, parallel, lazy, tiny_tokenizer_json):
+    """A forced call's grammar takes calls to the tools and refuses prose; tool_choice "auto"'s lazy grammar
+    passes prose untouched, but a call, once begun, must be as well formed."""
+    functions = [WEATHER, {"name": "noop"}]
+    grammar = llguidance.grammar_from("lark", (parser.lazy_grammar if lazy else parser.call_grammar)(functions, parallel))
     tokenizer = llguidance.LLTokenizer(tiny_tokenizer_json)
 
     def accepts(text: str) -> bool:
@@ -72,29 +76,9 @@ def test_call_grammar_takes_calls_and_refuses_prose(parser, parallel, tiny_token
     assert accepts(one + parser.separator + one) == parallel
     assert not accepts(parser.call_text("get_weather", {"town": "Rome"}))      # not the tool's schema
     assert not accepts(parser.call_text("delete_everything", {}))              # not a tool
-    assert not accepts("It is sunny in Rome.")
-
-
-@pytest.mark.parametrize("parser", [HermesParser(), Llama3JsonParser()])
-@pytest.mark.parametrize("parallel", [False, True])
-def test_lazy_grammar_takes_prose_or_calls_and_enforces_a_begun_call(parser, parallel, tiny_tokenizer_json):
-    """tool_choice "auto": prose passes untouched; a call, once begun, must be well formed."""
-    grammar = llguidance.grammar_from("lark", parser.lazy_grammar([WEATHER, {"name": "noop"}], parallel))
-    tokenizer = llguidance.LLTokenizer(tiny_tokenizer_json)
-
-    def accepts(text: str) -> bool:
-        matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
-        assert not matcher.is_error(), matcher.get_error()
-        return all(matcher.consume_token(t) for t in tokenizer.tokenize_str(text)) and matcher.is_accepting()
-
-    one = parser.call_text("get_weather", {"city": "Rome"})
-    assert accepts("It is sunny in Rome.") and accepts("")
-    assert accepts(one) and accepts(parser.call_text("noop", {}))
-    assert accepts(one + parser.separator + one) == parallel
-    assert not accepts(parser.call_text("get_weather", {"town": "Rome"}))      # a call, but not the tool's schema
-    assert not accepts(parser.call_text("delete_everything", {}))              # a call, but not to a tool
     assert not accepts(one + " and some prose after it")
-    if parser.start_tag:                   # prose before a call; a tag begins a call even in the middle of prose
+    assert accepts("It is sunny in Rome.") == lazy and accepts("") == lazy
+    if lazy and parser.start_tag:          # prose before a call; a tag begins a call even in the middle of prose
         assert accepts("Let me look.\n" + one)
         assert not accepts("Let me look. " + parser.start_tag.strip() + " not a call")
 
