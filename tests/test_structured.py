@@ -2,11 +2,15 @@
 model's weights, a constrained output follows its constraint, and a bad constraint is a 400 before it is queued."""
 import asyncio
 import json
+import os
 import re
 
 import pytest
+import torch
 
 from leanserve.engine.llm_engine import LLMEngine
+from leanserve.engine.loader import load_checkpoint
+from leanserve.engine.structured import GrammarCompiler, MaskFiller
 from leanserve.params import SamplingParams, StructuredOutputs
 from tests.test_server import chat_body, llm, make_client, run, sse_events  # noqa: F401 - llm is a fixture
 
@@ -89,6 +93,24 @@ def test_engine_refuses_a_bad_grammar_before_queueing(tiny_hf_dir):
     with pytest.raises(ValueError, match="invalid structured output"):
         engine.add_request("r", [5, 6], SamplingParams(structured_outputs=StructuredOutputs(regex="(")))
     assert not engine.has_unfinished_requests() and not engine.scheduler.waiting
+
+
+def test_masks_of_a_large_batch_start_no_openmp_team(tiny_hf_dir):
+    """The mask worker runs no parallel torch op: one would give that thread an OpenMP team of its own, and with
+    more OpenMP threads than cores libgomp stops spinning at barriers, which slowed every later step by 20-30%."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("torch runs one thread here: no OpenMP team to start")
+    checkpoint = load_checkpoint(str(tiny_hf_dir))
+    vocab = checkpoint.config.vocab_size
+    compiler, filler = GrammarCompiler(checkpoint.tokenizer, vocab), MaskFiller(vocab)
+    spec = StructuredOutputs(json_object=True)
+    filler.start(compiler.matchers(spec, 1)).result()          # the worker and llguidance's threads start
+    torch.ones(256, 1024).sum()                                 # and this thread's OpenMP team
+    rows = max(64, 2 * 32768 // -(-vocab // 32) + 1)            # a bitmask past torch's grain for parallel work
+    threads = len(os.listdir("/proc/self/task"))
+    masks = filler.start(compiler.matchers(spec, rows)).result()
+    assert masks.bitmask.shape[0] == rows
+    assert len(os.listdir("/proc/self/task")) == threads
 
 
 # --- tool calling ------------------------------------------------------------------------------
