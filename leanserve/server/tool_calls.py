@@ -51,8 +51,7 @@ class ToolCallParser:
     def call_grammar(self, functions: list[dict], parallel: bool) -> str:
         """A Lark grammar (llguidance) of one call, or one or more if parallel, to one of these functions:
         what tool_choice "required" or a named function enforces."""
-        more = f'({json.dumps(self.separator)} call)*' if parallel else ""
-        return f"start: call {more}\n" + self._call_rules(functions, self.start_tag)
+        return f"start: call {self._more_calls(parallel)}\n" + self._call_rules(functions, self.start_tag)
 
     def lazy_grammar(self, functions: list[dict], parallel: bool) -> str:
         """tool_choice "auto": any reply, but once it begins a call (the start tag; for a syntax without one, a
@@ -60,8 +59,7 @@ class ToolCallParser:
         parallel, else the end. With a start tag, its lexeme is lazy (llguidance): it ends at the tag's first
         occurrence, and the call is enforced from there on."""
         if not self.start_tag:
-            more = f'({json.dumps(self.separator)} call)*' if parallel else ""
-            return (f"start: PROSE | call {more}\n" + r'PROSE: /\s*([^{\s](.|\n)*)?/' + "\n"
+            return (f"start: PROSE | call {self._more_calls(parallel)}\n" + r'PROSE: /\s*([^{\s](.|\n)*)?/' + "\n"
                     + self._call_rules(functions, ""))
         tag = self.start_tag.strip()
         return (f"start: TEXT | head call {'(NEXT call)* ' if parallel else ''}END\n"
@@ -70,6 +68,9 @@ class ToolCallParser:
                 + r"NEXT: /\s*/ " + json.dumps(tag) + "\n"
                 + r"END: /\s*/" + "\n"
                 + self._call_rules(functions, self.start_tag[self.start_tag.index(tag) + len(tag):]))
+
+    def _more_calls(self, parallel: bool) -> str:
+        return f'({json.dumps(self.separator)} call)*' if parallel else ""
 
     def _call_rules(self, functions: list[dict], opening: str) -> str:
         """The rule `call`: opening, a JSON object naming one of the functions with arguments that follow its

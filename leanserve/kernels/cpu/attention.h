@@ -550,12 +550,45 @@ inline float first_lane(simd::Vec x) {
   return lanes[0];
 }
 
+// prefill_item's online softmax of one key block for `groups` heads: scores [groups, kKeys] become the
+// probabilities (soft-capped first where softcap > 0; the keys outside [first, n) take no part in the max
+// and get probability 0); each head's running max and sum are updated and alpha gets its rescaling.
+inline void block_softmax(float* scores, int64_t groups, int64_t first, int64_t n, float softcap, float* row_max,
+                          float* row_sum, float* alpha) {
+  constexpr int64_t L = simd::kLanes;
+  for (int64_t h = 0; h < groups; ++h) {
+    float* s = scores + h * kKeys;
+    simd::Vec top = simd::set1(row_max[h]);
+    for (int64_t v = 0; v < kKeys; v += L) {
+      simd::Vec x = simd::load(s + v);
+      if (softcap > 0) x = soft_cap(x, softcap);
+      simd::store(s + v, x);
+    }
+    for (int64_t j = 0; j < kKeys; ++j)
+      if (j < first || j >= n) s[j] = std::numeric_limits<float>::lowest();
+    for (int64_t v = 0; v < kKeys; v += L) top = simd::max(top, simd::load(s + v));
+    const float m = simd::reduce_max(top);
+    for (int64_t v = 0; v < kKeys; v += L) simd::store(s + v, simd::exp(simd::sub(simd::load(s + v), simd::set1(m))));
+    for (int64_t j = 0; j < kKeys; ++j)
+      if (j < first || j >= n) s[j] = 0.f;
+    alpha[h] = first_lane(simd::exp(simd::set1(row_max[h] - m)));
+    row_max[h] = m;
+  }
+  for (int64_t h = 0; h < groups; h += 4) {          // each head's sum in key order, 4 heads side by side
+    const float* s = scores + h * kKeys;
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int64_t j = 0; j < n; ++j)
+      for (int i = 0; i < 4; ++i) sum[i] += s[std::min<int64_t>(i, groups - 1 - h) * kKeys + j];
+    for (int64_t i = 0; i < std::min<int64_t>(4, groups - h); ++i)
+      row_sum[h + i] = first_lane(simd::fmadd(simd::set1(row_sum[h + i]), simd::set1(alpha[h + i]), simd::set1(sum[i])));
+  }
+}
+
 // The plan's decode rows, batch-invariant: q [T, H, D] float32 (scaled already); writes their rows of out.
 // A work item is one decode row's KV head, longest context first over the threads.
 template <typename T>
 void invariant_decode(const StepPlan& plan, const AttentionOptions& options, const float* q, const T* k_cache,
                       const T* v_cache, int64_t dim, float* out) {
-  constexpr int64_t L = simd::kLanes;
   const int64_t heads = plan.heads, kv_heads = plan.kv_heads, groups = heads / kv_heads, row = kv_heads * dim;
   const int64_t items = static_cast<int64_t>(plan.decode_order.size()) * kv_heads, window = options.window;
   if (items == 0) return;
@@ -599,33 +632,7 @@ void invariant_decode(const StepPlan& plan, const AttentionOptions& options, con
         for_head_chunks(groups, [&](int64_t h, auto hc) {
           block_scores<decltype(hc)::value>(kt.data(), qg + h * dim, dim, scores.data() + h * kKeys);
         });
-        // The keys outside [first, n) take no part in the max and get probability 0.
-        for (int64_t h = 0; h < groups; ++h) {
-          float* s = scores.data() + h * kKeys;
-          simd::Vec top = simd::set1(row_max[h]);
-          for (int64_t v = 0; v < kKeys; v += L) {
-            simd::Vec x = simd::load(s + v);
-            if (options.softcap > 0) x = soft_cap(x, options.softcap);
-            simd::store(s + v, x);
-          }
-          for (int64_t j = 0; j < kKeys; ++j)
-            if (j < first || j >= n) s[j] = std::numeric_limits<float>::lowest();
-          for (int64_t v = 0; v < kKeys; v += L) top = simd::max(top, simd::load(s + v));
-          const float m = simd::reduce_max(top);
-          for (int64_t v = 0; v < kKeys; v += L) simd::store(s + v, simd::exp(simd::sub(simd::load(s + v), simd::set1(m))));
-          for (int64_t j = 0; j < kKeys; ++j)
-            if (j < first || j >= n) s[j] = 0.f;
-          alpha[h] = first_lane(simd::exp(simd::set1(row_max[h] - m)));
-          row_max[h] = m;
-        }
-        for (int64_t h = 0; h < groups; h += 4) {          // each head's sum in key order, 4 heads side by side
-          const float* s = scores.data() + h * kKeys;
-          float sum[4] = {0.f, 0.f, 0.f, 0.f};
-          for (int64_t j = 0; j < n; ++j)
-            for (int i = 0; i < 4; ++i) sum[i] += s[std::min<int64_t>(i, groups - 1 - h) * kKeys + j];
-          for (int64_t i = 0; i < std::min<int64_t>(4, groups - h); ++i)
-            row_sum[h + i] = first_lane(simd::fmadd(simd::set1(row_sum[h + i]), simd::set1(alpha[h + i]), simd::set1(sum[i])));
-        }
+        block_softmax(scores.data(), groups, first, n, options.softcap, row_max.data(), row_sum.data(), alpha.data());
         weigh_all_values(v_cache, rows, n, scores.data(), kKeys, alpha.data(), o.data(), dim, groups);
       }
       for (int64_t h = 0; h < groups; ++h) {
